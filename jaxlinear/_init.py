@@ -1,0 +1,114 @@
+"""Initialisation of linear-layer parameters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._linear import LinearParams
+from ._validate import check_float_dtype, check_layout
+
+__all__ = ["linear_init", "INITS"]
+
+
+def _lecun_normal(key, fan_in, fan_out, dtype):
+    # Truncated normal with variance 1/fan_in (Flax's and Equinox-free default).
+    return jax.nn.initializers.lecun_normal()(key, (fan_in, fan_out), dtype), None
+
+
+def _he_normal(key, fan_in, fan_out, dtype):
+    # Truncated normal with variance 2/fan_in, for ReLU networks.
+    return jax.nn.initializers.he_normal()(key, (fan_in, fan_out), dtype), None
+
+
+def _glorot_uniform(key, fan_in, fan_out, dtype):
+    # Uniform with variance 2/(fan_in + fan_out).
+    return jax.nn.initializers.glorot_uniform()(key, (fan_in, fan_out), dtype), None
+
+
+def _pytorch(key, fan_in, fan_out, dtype):
+    # torch.nn.Linear.reset_parameters: kaiming_uniform_(a=sqrt(5)) on W and
+    # uniform on b both reduce to U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(fan_in)
+    kw, kb = jax.random.split(key)
+    W = jax.random.uniform(kw, (fan_in, fan_out), dtype, -bound, bound)
+    b = jax.random.uniform(kb, (fan_out,), dtype, -bound, bound)
+    return W, b
+
+
+#: Named initialisers: ``name -> f(key, fan_in, fan_out, dtype) -> (W_in_out, b | None)``.
+#: ``b=None`` from an initialiser means a zero bias.
+INITS: dict[str, Callable] = {
+    "lecun_normal": _lecun_normal,
+    "he_normal": _he_normal,
+    "glorot_uniform": _glorot_uniform,
+    "pytorch": _pytorch,
+}
+
+
+def _check_size(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
+    return value
+
+
+def linear_init(
+    key: jax.Array,
+    in_features: int,
+    out_features: int,
+    *,
+    bias: bool = True,
+    layout: str = "in_out",
+    dtype: Any = jnp.float32,
+    init: str | Callable = "lecun_normal",
+) -> LinearParams:
+    """Initialise a linear layer.
+
+    Args:
+        key: a JAX PRNG key.
+        in_features, out_features: the layer's sizes (positive ints).
+        bias: include a bias ``b`` of shape ``(out_features,)``.
+        layout: ``"in_out"`` (W is ``(in, out)``) or ``"out_in"`` (PyTorch's).
+        dtype: a floating dtype for W and b.
+        init: one of ``INITS`` (``"lecun_normal"``: truncated normal, variance
+            1/fan_in, zero bias; ``"he_normal"``: variance 2/fan_in, zero bias;
+            ``"glorot_uniform"``: variance 2/(fan_in+fan_out), zero bias;
+            ``"pytorch"``: ``torch.nn.Linear``'s default, W and b uniform in
+            ±1/sqrt(fan_in)), or a ``jax.nn.initializers``-style callable
+            ``init(key, (in_features, out_features), dtype)`` for W with a zero bias.
+
+    fan_in is always ``in_features``, whatever the layout: W is drawn as
+    ``(in, out)`` and transposed for ``"out_in"``.
+
+    Returns:
+        :class:`LinearParams`.
+    """
+    layout = check_layout(layout)
+    in_features = _check_size("in_features", in_features)
+    out_features = _check_size("out_features", out_features)
+    dtype = check_float_dtype("dtype", dtype)
+    if isinstance(init, str):
+        if init not in INITS:
+            raise ValueError(f"`init` must be one of {sorted(INITS)} or a callable; got {init!r}.")
+        W, b = INITS[init](key, in_features, out_features, dtype)
+    elif callable(init):
+        W, b = init(key, (in_features, out_features), dtype), None
+        if getattr(W, "shape", None) != (in_features, out_features):
+            raise ValueError(
+                f"`init` must return an array of shape (in_features, out_features) = "
+                f"({in_features}, {out_features}); got shape {getattr(W, 'shape', None)}."
+            )
+        W = jnp.asarray(W, dtype)
+    else:
+        raise TypeError(f"`init` must be a name in {sorted(INITS)} or a callable; got {init!r}.")
+    if not bias:
+        b = None
+    elif b is None:
+        b = jnp.zeros((out_features,), dtype)
+    if layout == "out_in":
+        W = W.T
+    return LinearParams(W=W, b=b, layout=layout)

@@ -1,0 +1,103 @@
+"""Shared test utilities: dtype contexts, well-scaled inputs, backends, comparisons."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlinear import tolerance_for
+
+DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
+DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+@contextlib.contextmanager
+def dtype_context(dtype):
+    """x64 on (scoped, never leaking) exactly when float64 is asked for."""
+    if np.dtype(dtype) == np.float64:
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
+
+
+def normal(key, shape, dtype, scale=1.0):
+    """Standard-normal draws in float32, scaled, then cast (the same values up to
+    rounding whatever the dtype)."""
+    return (float(scale) * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, bias):
+    """x ~ N(0, 1) of shape batch + (in,), W ~ N(0, 1/in), b ~ N(0, 1)."""
+    from jaxlinear import LinearParams
+
+    kx, kw, kb = jax.random.split(key, 3)
+    W = normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features))
+    if layout == "out_in":
+        W = W.T
+    b = normal(kb, (out_features,), dtype) if bias else None
+    x = normal(kx, tuple(batch) + (in_features,), dtype)
+    return LinearParams(W, b, layout), x
+
+
+def assert_close(actual, expected, dtype, kind="autodiff", err_msg=""):
+    """Element-wise check with the per-dtype table (`kind` is 'autodiff' or 'fd')."""
+    rtol, atol = getattr(tolerance_for(dtype), kind)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64),
+        np.asarray(expected, np.float64),
+        rtol=rtol,
+        atol=atol,
+        err_msg=err_msg,
+    )
+
+
+def assert_tree_close(actual, expected, dtype, kind="autodiff"):
+    la, ta = jax.tree.flatten(actual)
+    le, te = jax.tree.flatten(expected)
+    assert ta == te, f"tree structures differ: {ta} vs {te}"
+    for i, (a, e) in enumerate(zip(la, le, strict=True)):
+        assert a.shape == e.shape, f"leaf {i}: shape {a.shape} vs {e.shape}"
+        assert a.dtype == e.dtype, f"leaf {i}: dtype {a.dtype} vs {e.dtype}"
+        assert_close(a, e, dtype, kind, err_msg=f"leaf {i}")
+
+
+def take(tree, i):
+    """Entry ``i`` of every leaf of a stacked pytree."""
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def backend_params():
+    """One pytest param per platform: the first device of each present backend,
+    and a visible skip (with the reason) for each absent one."""
+    params = []
+    for platform in PLATFORMS:
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError:
+            devices = []
+        if devices:
+            params.append(pytest.param(devices[0], id=platform))
+        else:
+            params.append(
+                pytest.param(
+                    None,
+                    id=platform,
+                    marks=pytest.mark.skip(reason=f"no {platform.upper()} backend present"),
+                )
+            )
+    return params
+
+
+def plain_linear(params, x):
+    """The linear layer written for autodiff: einsum plus an explicit broadcast."""
+    spec = "...i,io->...o" if params.layout == "in_out" else "...i,oi->...o"
+    y = jnp.einsum(spec, x, params.W)
+    if params.b is not None:
+        y = y + jnp.broadcast_to(params.b, y.shape)
+    return y

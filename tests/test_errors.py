@@ -1,0 +1,156 @@
+"""Bad input fails at trace time with a message naming the argument, expectation and value."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlinear import LinearParams, linear_apply, linear_backward, linear_init
+
+W = jnp.ones((3, 4))
+b = jnp.ones(4)
+x = jnp.ones((2, 3))
+
+
+def raises(exc, text):
+    return pytest.raises(exc, match=re.escape(text))
+
+
+def test_wrong_feature_size_names_both_numbers_and_the_layout():
+    with raises(
+        ValueError,
+        "`x.shape[-1]` (=5) must equal in_features (=3) of W with layout "
+        "'in_out' (W.shape=(3, 4)); got x.shape=(2, 5).",
+    ):
+        linear_apply(LinearParams(W, b), jnp.ones((2, 5)))
+
+
+def test_wrong_layout_suggests_the_other_layout():
+    with raises(ValueError, "pass layout='out_in' if it is"):
+        linear_apply(LinearParams(W, b), jnp.ones((2, 4)))
+    with raises(ValueError, "in_features (=4) of W with layout 'out_in'"):
+        linear_apply(LinearParams(jnp.ones((3, 4)), jnp.ones(3), "out_in"), jnp.ones((2, 3)))
+
+
+def test_errors_fire_at_trace_time_under_jit():
+    with raises(ValueError, "`x.shape[-1]` (=5) must equal in_features (=3)"):
+        jax.jit(linear_apply)(LinearParams(W, b), jnp.ones((2, 5)))
+
+
+@pytest.mark.parametrize("bad_b", [jnp.ones(3), jnp.ones((1, 4)), jnp.ones(())])
+def test_bias_of_the_wrong_shape(bad_b):
+    with raises(
+        ValueError,
+        f"`b` must have shape (out_features,) = (4,) for W.shape=(3, 4) "
+        f"with layout 'in_out'; got b.shape={bad_b.shape}.",
+    ):
+        linear_apply(LinearParams(W, bad_b), x)
+
+
+@pytest.mark.parametrize("bad_W", [jnp.ones(3), jnp.ones((3, 4, 1))])
+def test_W_not_2d(bad_W):
+    with raises(
+        ValueError,
+        f"`W` must be 2-D (in_features, out_features) for layout 'in_out'; "
+        f"got W.shape={bad_W.shape}.",
+    ):
+        linear_apply(LinearParams(bad_W), x)
+
+
+def test_scalar_x():
+    with raises(ValueError, "`x` must have at least one axis, (..., in_features); got a scalar."):
+        linear_apply(LinearParams(W, b), jnp.ones(()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64, jnp.uint8])
+@pytest.mark.parametrize("which", ["x", "W", "b"])
+def test_non_float_dtypes(which, dtype):
+    args = {"x": x, "W": W, "b": b}
+    args[which] = args[which].astype(dtype)
+    with raises(
+        TypeError,
+        f"`{which}` must have a real floating dtype (float16, bfloat16, "
+        f"float32, float64); got {np.dtype(dtype)}.",
+    ):
+        linear_apply(LinearParams(args["W"], args["b"]), args["x"])
+
+
+def test_mixed_dtypes_are_refused_not_promoted():
+    with raises(
+        TypeError,
+        "`x`, `W`, `b` must share one dtype; `x` is bfloat16, `W` is float32, `b` is float32.",
+    ):
+        linear_apply(LinearParams(W, b), x.astype(jnp.bfloat16))
+
+
+def test_unknown_layout():
+    with raises(ValueError, "`layout` must be one of ('in_out', 'out_in')"):
+        LinearParams(W, b, "io")
+    with raises(ValueError, "got 'OI'"):
+        linear_backward(jnp.ones((2, 4)), x, W, layout="OI")
+    with raises(ValueError, "`layout` must be one of"):
+        linear_init(jax.random.key(0), 3, 4, layout="torch")
+
+
+def test_params_must_be_linear_params():
+    with raises(TypeError, "`params` must be a jaxlinear.LinearParams; got dict."):
+        linear_apply({"W": W, "b": b}, x)
+
+
+@pytest.mark.parametrize("g_shape", [(2, 3), (4,), (1, 2, 4)])
+def test_grad_out_that_does_not_fit(g_shape):
+    with raises(
+        ValueError,
+        "`grad_out` must have the shape of y = linear(x), x.shape[:-1] + "
+        f"(out_features,) = (2, 4); got grad_out.shape={g_shape}.",
+    ):
+        linear_backward(jnp.ones(g_shape), x, W)
+
+
+def test_linear_backward_checks_its_inputs_too():
+    with raises(ValueError, "`x.shape[-1]` (=2) must equal in_features (=3)"):
+        linear_backward(jnp.ones((2, 4)), jnp.ones((2, 2)), W)
+    with raises(TypeError, "`grad_out` must have a real floating dtype"):
+        linear_backward(jnp.ones((2, 4), jnp.int32), x, W)
+
+
+def test_preferred_element_type_checks():
+    with raises(TypeError, "`preferred_element_type` must be a real floating dtype"):
+        linear_apply(LinearParams(W, b), x, preferred_element_type=jnp.int32)
+    with raises(
+        ValueError,
+        "`preferred_element_type` (=bfloat16) must be at least as wide as "
+        "the operands' dtype (float32).",
+    ):
+        linear_apply(LinearParams(W, b), x, preferred_element_type=jnp.bfloat16)
+
+
+def test_unhashable_precision():
+    with raises(TypeError, "`precision` must be None, a string such as 'highest'"):
+        linear_apply(LinearParams(W, b), x, precision=["highest"])
+
+
+def test_init_argument_errors():
+    key = jax.random.key(0)
+    with raises(ValueError, "`in_features` must be a positive int; got 0."):
+        linear_init(key, 0, 4)
+    with raises(ValueError, "`out_features` must be a positive int; got 2.5."):
+        linear_init(key, 3, 2.5)
+    with raises(TypeError, "`dtype` must be a real floating dtype"):
+        linear_init(key, 3, 4, dtype=jnp.int32)
+    with raises(
+        ValueError,
+        "`init` must be one of ['glorot_uniform', 'he_normal', "
+        "'lecun_normal', 'pytorch'] or a callable; got 'xavier'.",
+    ):
+        linear_init(key, 3, 4, init="xavier")
+    with raises(
+        ValueError,
+        "`init` must return an array of shape (in_features, out_features) "
+        "= (3, 4); got shape (4, 3).",
+    ):
+        linear_init(key, 3, 4, init=lambda k, s, d: jnp.zeros(s[::-1], d))

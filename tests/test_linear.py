@@ -1,0 +1,239 @@
+"""The hand-derived linear VJP against autodiff, finite differences and worked examples."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+from jax.test_util import check_grads
+
+from jaxlinear import FD_RELATIVE_STEP, LinearParams, linear_apply, linear_backward, tolerance_for
+from tests.helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    assert_close,
+    assert_tree_close,
+    backend_params,
+    dtype_context,
+    normal,
+    well_scaled_linear,
+)
+from tests.helpers import (
+    plain_linear as plain,
+)
+
+LAYOUTS = ["in_out", "out_in"]
+BATCHES = [(), (5,), (3, 4), (2, 3, 2)]
+
+
+def vjp_both(params, x, g):
+    y1, f1 = jax.vjp(linear_apply, params, x)
+    y2, f2 = jax.vjp(plain, params, x)
+    return (y1, f1(g)), (y2, f2(g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("batch", BATCHES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vjp_matches_autodiff(layout, bias, batch, dtype):
+    with dtype_context(dtype):
+        key = jax.random.key(0)
+        params, x = well_scaled_linear(key, 6, 4, batch, dtype, layout=layout, bias=bias)
+        g = normal(jax.random.key(1), batch + (4,), dtype)
+        (y1, (dp1, dx1)), (y2, (dp2, dx2)) = jax.jit(vjp_both)(params, x, g)
+        assert y1.dtype == dtype
+        assert_close(y1, y2, dtype)
+        assert_tree_close((dp1, dx1), (dp2, dx2), dtype)
+        assert dp1.layout == layout
+        assert (dp1.b is None) == (not bias)
+        # The public backward is the rule the VJP runs: same numbers exactly.
+        dx3, dW3, db3 = jax.jit(linear_backward, static_argnames="layout")(
+            g, x, params.W, layout=layout
+        )
+        np.testing.assert_array_equal(np.asarray(dx3, np.float64), np.asarray(dx1, np.float64))
+        np.testing.assert_array_equal(np.asarray(dW3, np.float64), np.asarray(dp1.W, np.float64))
+        if bias:
+            np.testing.assert_array_equal(
+                np.asarray(db3, np.float64), np.asarray(dp1.b, np.float64)
+            )
+
+
+@settings(deadline=None, max_examples=40, derandomize=True)
+@given(
+    batch=st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple),
+    in_features=st.integers(1, 5),
+    out_features=st.integers(1, 5),
+    layout=st.sampled_from(LAYOUTS),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random_shapes(batch, in_features, out_features, layout, bias, seed):
+    """Random shapes, size-0 and size-1 axes included, against autodiff."""
+    dtype = jnp.float32
+    params, x = well_scaled_linear(
+        jax.random.key(seed), in_features, out_features, batch, dtype, layout=layout, bias=bias
+    )
+    g = normal(jax.random.key(seed + 1), batch + (out_features,), dtype)
+    (y1, grads1), (y2, grads2) = vjp_both(params, x, g)
+    assert y1.shape == batch + (out_features,)
+    assert_close(y1, y2, dtype)
+    assert_tree_close(grads1, grads2, dtype)
+
+
+def test_worked_example():
+    x = jnp.array([[1.0, 2.0]])
+    W = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    g = jnp.array([[1.0, 1.0, 1.0]])
+    dx, dW, db = linear_backward(g, x, W)
+    np.testing.assert_array_equal(dx, [[2.0, 2.0]])
+    np.testing.assert_array_equal(dW, [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    np.testing.assert_array_equal(db, [1.0, 1.0, 1.0])
+    # Through the custom VJP, with a bias, in both layouts.
+    for layout, W_ in (("in_out", W), ("out_in", W.T)):
+        p = LinearParams(W_, jnp.zeros(3), layout)
+        _, vjp = jax.vjp(linear_apply, p, x)
+        dp, dx_ = vjp(g)
+        np.testing.assert_array_equal(dx_, [[2.0, 2.0]])
+        np.testing.assert_array_equal(dp.W, dW if layout == "in_out" else dW.T)
+        np.testing.assert_array_equal(dp.b, [1.0, 1.0, 1.0])
+    # db is summed over the batch, not averaged.
+    g2 = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    _, _, db2 = linear_backward(g2, jnp.ones((2, 2)), jnp.eye(2))
+    np.testing.assert_array_equal(db2, [4.0, 6.0])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_check_grads_float64_second_order(layout, bias):
+    """Reverse mode to second order against float64 central differences."""
+    with jax.enable_x64(True):
+        params, x = well_scaled_linear(
+            jax.random.key(2), 3, 2, (4,), jnp.float64, layout=layout, bias=bias
+        )
+
+        def f(W, x, b):
+            return jnp.sin(linear_apply(LinearParams(W, b, layout), x))
+
+        args = (params.W, x, params.b)
+        rtol, atol = tolerance_for(jnp.float64).fd
+        step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(x))))
+        # check_grads would scale a default tolerance; ours comes from the table.
+        check_grads(f, args, order=2, modes=("rev",), eps=step, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_elementwise_finite_differences_of_dW(layout):
+    with jax.enable_x64(True):
+        params, x = well_scaled_linear(
+            jax.random.key(3), 3, 4, (2, 5), jnp.float64, layout=layout, bias=True
+        )
+        c = normal(jax.random.key(4), (2, 5, 4), jnp.float64)
+
+        def loss(W):
+            return jnp.sum(c * jnp.tanh(linear_apply(LinearParams(W, params.b, layout), x)))
+
+        dW = jax.grad(loss)(params.W)
+        W = np.asarray(params.W)
+        fd = np.zeros_like(W)
+        loss_jit = jax.jit(loss)
+        for idx in itertools.product(*map(range, W.shape)):
+            h = FD_RELATIVE_STEP * max(1.0, abs(W[idx]))
+            Wp, Wm = W.copy(), W.copy()
+            Wp[idx] += h
+            Wm[idx] -= h
+            fd[idx] = (float(loss_jit(Wp)) - float(loss_jit(Wm))) / (2 * h)
+        assert_close(dW, fd, jnp.float64, "fd")
+
+
+def test_empty_batch_gives_zero_gradients():
+    params, _ = well_scaled_linear(
+        jax.random.key(5), 3, 2, (), jnp.float32, layout="in_out", bias=True
+    )
+    x = jnp.zeros((0, 3))
+
+    def loss(p, x):
+        return jnp.sum(linear_apply(p, x) ** 2)
+
+    y = linear_apply(params, x)
+    assert y.shape == (0, 2)
+    dp, dx = jax.grad(loss, argnums=(0, 1))(params, x)
+    np.testing.assert_array_equal(dp.W, np.zeros((3, 2)))
+    np.testing.assert_array_equal(dp.b, np.zeros(2))
+    assert dx.shape == (0, 3)
+
+
+def test_nan_and_inf_propagate_like_the_plain_formula():
+    params, x = well_scaled_linear(
+        jax.random.key(6), 3, 2, (4,), jnp.float32, layout="in_out", bias=True
+    )
+    x = x.at[1, 2].set(jnp.nan).at[3, 0].set(jnp.inf)
+    g = jnp.ones((4, 2))
+    (y1, grads1), (y2, grads2) = vjp_both(params, x, g)
+    np.testing.assert_array_equal(np.isnan(y1), np.isnan(y2))
+    assert np.isnan(y1).any()
+    for a, e in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))  # NaNs equal NaNs
+    assert np.isnan(grads1[0].W).any() and np.isinf(grads1[0].W).any()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_preferred_element_type_accumulates_and_keeps_primal_dtypes(dtype):
+    params, x = well_scaled_linear(jax.random.key(7), 8, 3, (6,), dtype, layout="in_out", bias=True)
+
+    def ours(p, x):
+        return linear_apply(p, x, preferred_element_type=jnp.float32)
+
+    def ref(p, x):
+        y = lax.dot_general(x, p.W, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return y + jnp.broadcast_to(p.b.astype(jnp.float32), y.shape)
+
+    g = normal(jax.random.key(8), (6, 3), jnp.float32)
+    y1, f1 = jax.vjp(ours, params, x)
+    y2, f2 = jax.vjp(ref, params, x)
+    assert y1.dtype == jnp.float32
+    assert_close(y1, y2, jnp.float32)
+    (dp1, dx1), (dp2, dx2) = f1(g), f2(g)
+    assert dp1.W.dtype == dp1.b.dtype == dx1.dtype == dtype
+    # Accumulated in float32 then rounded once: within the low dtype's table entry.
+    assert_close(dp1.W, dp2.W.astype(jnp.float32), dtype)
+    assert_close(dx1, dx2.astype(jnp.float32), dtype)
+    assert_close(dp1.b, dp2.b.astype(jnp.float32), dtype)
+
+
+@pytest.mark.parametrize("device", backend_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_backend(device, layout):
+    """On each backend, at matmul precision 'highest' (GPU/TPU default to TF32/bf16
+    passes), the custom rule equals autodiff in float32 and finite differences in
+    float64 where the backend supports it."""
+    with jax.default_matmul_precision("highest"), jax.default_device(device):
+        params, x = well_scaled_linear(
+            jax.random.key(9), 16, 8, (4, 3), jnp.float32, layout=layout, bias=True
+        )
+        params, x = jax.device_put((params, x), device)
+        g = jax.device_put(normal(jax.random.key(10), (4, 3, 8), jnp.float32), device)
+        (y1, grads1), (y2, grads2) = jax.jit(vjp_both)(params, x, g)
+        assert y1.devices() == {device}
+        assert_close(y1, y2, jnp.float32)
+        assert_tree_close(grads1, grads2, jnp.float32)
+        if device.platform == "tpu":
+            return  # TPUs have no native float64; float32 against autodiff is the check.
+        with jax.enable_x64(True):
+            p64 = jax.tree.map(lambda a: jax.device_put(a.astype(jnp.float64), device), params)
+            x64 = jax.device_put(x.astype(jnp.float64), device)
+
+            def f(W, x, b):
+                return jnp.tanh(linear_apply(LinearParams(W, b, layout), x))
+
+            rtol, atol = tolerance_for(jnp.float64).fd
+            step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(x64))))
+            check_grads(
+                f, (p64.W, x64, p64.b), order=1, modes=("rev",), eps=step, rtol=rtol, atol=atol
+            )

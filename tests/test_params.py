@@ -1,0 +1,96 @@
+"""LinearParams as a pytree, and linear_init's distributions and layouts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlinear import LinearParams, linear_apply, linear_init
+from tests.helpers import assert_close
+
+LAYOUTS = ["in_out", "out_in"]
+
+
+def test_leaves_are_W_and_b_only_and_layout_is_static():
+    p = LinearParams(jnp.ones((3, 4)), jnp.zeros(4), "out_in")
+    leaves, treedef = jax.tree.flatten(p)
+    assert len(leaves) == 2
+    q = jax.tree.unflatten(treedef, [a * 2 for a in leaves])
+    assert q.layout == "out_in"
+    np.testing.assert_array_equal(q.W, 2 * np.ones((3, 4)))
+    assert len(jax.tree.leaves(LinearParams(jnp.ones((3, 4))))) == 1  # b=None: no leaf
+    # Different layouts are different tree structures, so they cannot be mixed up.
+    assert jax.tree.structure(p) != jax.tree.structure(LinearParams(p.W, p.b, "in_out"))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_optax_updates_params_directly_and_keeps_dtype(layout, dtype):
+    p = linear_init(jax.random.key(0), 3, 2, layout=layout, dtype=dtype)
+    x = jnp.ones((5, 3), dtype)
+    opt = optax.sgd(0.1)
+    state = opt.init(p)
+
+    def loss(p):
+        return jnp.sum(linear_apply(p, x).astype(jnp.float32) ** 2)
+
+    grads = jax.grad(loss)(p)
+    updates, state = opt.update(grads, state, p)
+    new = optax.apply_updates(p, updates)
+    assert new.layout == layout
+    assert new.W.dtype == new.b.dtype == dtype
+    # SGD by hand in float32; Optax works in the parameters' dtype.
+    expected_W = p.W.astype(jnp.float32) - 0.1 * grads.W.astype(jnp.float32)
+    assert_close(new.W, expected_W, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shapes_and_fan_in_follow_the_layout(layout):
+    # in=4, out=2000: PyTorch's bound is 1/sqrt(4) = 0.5 whatever the layout.
+    p = linear_init(jax.random.key(1), 4, 2000, layout=layout, init="pytorch")
+    assert p.W.shape == ((4, 2000) if layout == "in_out" else (2000, 4))
+    assert (p.in_features, p.out_features) == (4, 2000)
+    for a in (p.W, p.b):
+        assert float(jnp.max(jnp.abs(a))) <= 0.5
+        assert float(jnp.max(jnp.abs(a))) > 0.49  # the bound is reached, not a smaller one
+    # Uniform on [-0.5, 0.5]: variance 1/12.
+    np.testing.assert_allclose(float(jnp.var(p.W)), 1 / 12, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "init,variance",
+    [
+        ("lecun_normal", lambda fi, fo: 1 / fi),
+        ("he_normal", lambda fi, fo: 2 / fi),
+        ("glorot_uniform", lambda fi, fo: 2 / (fi + fo)),
+    ],
+)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_named_initialisers_have_their_variance_and_zero_bias(init, variance, layout):
+    fi, fo = 64, 512
+    p = linear_init(jax.random.key(2), fi, fo, layout=layout, init=init)
+    # 32768 samples: the sample variance is within ~2.5% (3 sigma) of the target.
+    np.testing.assert_allclose(float(jnp.var(p.W)), variance(fi, fo), rtol=0.05)
+    np.testing.assert_array_equal(p.b, np.zeros(fo))
+
+
+def test_no_bias_dtype_and_callable_init():
+    p = linear_init(
+        jax.random.key(3), 3, 2, bias=False, dtype=jnp.bfloat16, init=jax.nn.initializers.ones
+    )
+    assert p.b is None
+    assert p.W.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(p.W, np.float32), np.ones((3, 2)))
+    q = linear_init(jax.random.key(3), 3, 2, layout="out_in", init=jax.nn.initializers.ones)
+    np.testing.assert_array_equal(q.W, np.ones((2, 3)))
+
+
+def test_same_key_same_layer_in_both_layouts():
+    a = linear_init(jax.random.key(4), 5, 3, layout="in_out", init="pytorch")
+    b = linear_init(jax.random.key(4), 5, 3, layout="out_in", init="pytorch")
+    np.testing.assert_array_equal(a.W, b.W.T)
+    x = jax.random.normal(jax.random.key(5), (2, 5))
+    np.testing.assert_array_equal(linear_apply(a, x), linear_apply(b, x))
