@@ -1,34 +1,27 @@
-"""jaxlinear: a linear layer with a hand-derived, verified backward pass."""
+"""jaxlinear: a linear layer, activations, losses and MLPs with hand-derived,
+verified backward passes."""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._init import INITS as INITS
-from ._init import linear_init as linear_init
+from ._activations import relu as relu, sigmoid as sigmoid, tanh as tanh
+from ._init import INITS as INITS, linear_init as linear_init
 from ._linear import (
     LinearParams as LinearParams,
-)
-from ._linear import (
     linear_apply as linear_apply,
-)
-from ._linear import (
     linear_backward as linear_backward,
 )
+from ._losses import mse_loss as mse_loss, softmax_cross_entropy as softmax_cross_entropy
+from ._mlp import mlp_apply as mlp_apply, mlp_init as mlp_init
 from ._tolerances import (
     FD_RELATIVE_STEP as FD_RELATIVE_STEP,
-)
-from ._tolerances import (
     TOLERANCES as TOLERANCES,
-)
-from ._tolerances import (
     Tolerance as Tolerance,
-)
-from ._tolerances import (
     tolerance_for as tolerance_for,
 )
 
 try:
     __version__ = version("jaxlinear")
-except PackageNotFoundError:  # running from a source tree that is not installed
+except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
@@ -40,5 +33,12 @@ __all__ = [
     "linear_apply",
     "linear_backward",
     "linear_init",
+    "mlp_apply",
+    "mlp_init",
+    "mse_loss",
+    "relu",
+    "sigmoid",
+    "softmax_cross_entropy",
+    "tanh",
     "tolerance_for",
 ]

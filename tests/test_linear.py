@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
@@ -22,10 +21,8 @@ from tests.helpers import (
     backend_params,
     dtype_context,
     normal,
-    well_scaled_linear,
-)
-from tests.helpers import (
     plain_linear as plain,
+    well_scaled_linear,
 )
 
 LAYOUTS = ["in_out", "out_in"]

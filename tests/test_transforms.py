@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from jaxlinear import LinearParams, linear_apply
-from tests.helpers import assert_close, assert_tree_close, normal, take, well_scaled_linear
-from tests.helpers import plain_linear as plain
+from tests.helpers import (
+    assert_close,
+    assert_tree_close,
+    normal,
+    plain_linear as plain,
+    take,
+    well_scaled_linear,
+)
 
 LAYOUTS = ["in_out", "out_in"]
 F32 = jnp.float32

@@ -1,0 +1,177 @@
+r"""Losses with hand-derived backward passes.
+
+Both losses read their last axis as features and flatten every leading axis
+into N rows.
+
+**Mean squared error** (y, t of shape ``(*batch, d)``):
+L = 1/(2N) Σᵢ ‖yᵢ − tᵢ‖², so ∂L/∂y = (y − t)/N and ∂L/∂t = −(y − t)/N.
+
+**Softmax cross-entropy** (logits z of shape ``(*batch, C)``, integer labels
+``(*batch,)``): Lᵢ = log Σ_c e^{z_ic} − z_{i,labelᵢ}, L = 1/N Σᵢ Lᵢ. With
+pᵢ = softmax(zᵢ), ∂Lᵢ/∂z_ic = p_ic − [c = labelᵢ], so ∂L/∂z = (p − onehot)/N.
+The log-sum-exp is computed as m + log Σ e^{z − m}, m = max_c z_c, which never
+overflows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._validate import accumulation_dtype, as_float_array, check_same_dtype
+
+__all__ = ["mse_loss", "softmax_cross_entropy"]
+
+
+def _rows(name: str, a: jax.Array) -> int:
+    if a.ndim == 0:
+        raise ValueError(f"`{name}` must have at least one axis, (..., features); got a scalar.")
+    n = math.prod(a.shape[:-1])
+    if n == 0:
+        raise ValueError(
+            f"`{name}` has no rows (shape {a.shape}): the mean over an empty batch is "
+            "undefined. Skip empty batches, or use a sum."
+        )
+    return n
+
+
+def _sum_dtype(dtype) -> np.dtype:
+    # Sum at least in float32: a float16/bfloat16 sum of many terms loses digits.
+    return accumulation_dtype(dtype, np.dtype(jnp.float32))
+
+
+@jax.custom_vjp
+def _mse(y, t):
+    d = (y - t).astype(_sum_dtype(y.dtype))
+    n = math.prod(y.shape[:-1])
+    return (jnp.sum(d * d) / (2 * n)).astype(y.dtype)
+
+
+def _mse_fwd(y, t):
+    return _mse(y, t), y - t  # one residual: the difference
+
+
+def _mse_bwd(diff, g):
+    n = math.prod(diff.shape[:-1])
+    dy = diff * (g / n).astype(diff.dtype)  # (y - t)/N times the incoming scalar
+    return dy, -dy
+
+
+_mse.defvjp(_mse_fwd, _mse_bwd)
+
+
+def mse_loss(y: jax.Array, t: jax.Array) -> jax.Array:
+    """Mean squared error L = 1/(2N) Σᵢ ‖yᵢ − tᵢ‖² over N rows.
+
+    Args:
+        y: predictions ``(*batch, d)``; a 1-D ``(d,)`` is one row.
+        t: targets, the same shape and dtype as ``y``.
+
+    Returns:
+        a scalar in ``y.dtype`` (summed in at least float32).
+
+    Backward (hand-derived): ∂L/∂y = (y − t)/N, ∂L/∂t = −(y − t)/N.
+
+    >>> import jax, jax.numpy as jnp, jaxlinear
+    >>> y, t = jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.zeros((2, 2))
+    >>> float(jaxlinear.mse_loss(y, t))  # (1 + 4 + 9 + 16) / (2 * 2)
+    7.5
+    >>> jax.grad(jaxlinear.mse_loss)(y, t).tolist()
+    [[0.5, 1.0], [1.5, 2.0]]
+    """
+    y = as_float_array("y", y)
+    t = as_float_array("t", t)
+    check_same_dtype(y=y, t=t)
+    if y.shape != t.shape:
+        raise ValueError(
+            f"`y` and `t` must have the same shape; got y.shape={y.shape}, t.shape={t.shape}."
+        )
+    _rows("y", y)
+    return _mse(y, t)
+
+
+def _log_softmax(z):
+    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    shifted = z - m
+    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
+@jax.custom_vjp
+def _xent(logits, labels):
+    return _xent_fwd(logits, labels)[0]
+
+
+def _xent_fwd(logits, labels):
+    z = logits.astype(_sum_dtype(logits.dtype))
+    logp = _log_softmax(z)
+    # An out-of-range label picks NaN, so the loss says so instead of being wrong.
+    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1, mode="fill", fill_value=jnp.nan)[
+        ..., 0
+    ]
+    n = math.prod(logits.shape[:-1])
+    loss = (-jnp.sum(picked) / n).astype(logits.dtype)
+    # Residuals: softmax probabilities and the labels (both needed for p - onehot).
+    return loss, (jnp.exp(logp).astype(logits.dtype), labels)
+
+
+def _xent_bwd(residuals, g):
+    p, labels = residuals
+    n = math.prod(p.shape[:-1])
+    classes = jnp.arange(p.shape[-1], dtype=labels.dtype)
+    onehot = (labels[..., None] == classes).astype(p.dtype)
+    # A row with an out-of-range label has no onehot entry; make its gradient NaN too.
+    valid = (labels >= 0) & (labels < p.shape[-1])
+    grad = jnp.where(valid[..., None], p - onehot, jnp.full((), jnp.nan, p.dtype))
+    return grad * (g / n).astype(p.dtype), None  # integer labels get no cotangent
+
+
+_xent.defvjp(_xent_fwd, _xent_bwd)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels.
+
+    Args:
+        logits: ``(*batch, C)`` float scores.
+        labels: ``(*batch,)`` integer classes in ``[0, C)``.
+
+    Returns:
+        scalar L = 1/N Σᵢ (logsumexp(zᵢ) − z_{i,labelᵢ}) in ``logits.dtype``.
+
+    Backward (hand-derived): ∂L/∂logits = (softmax(logits) − onehot(labels))/N.
+
+    Labels are checked at trace time for dtype and shape; their values are
+    checked when they are concrete (outside ``jit``). Inside ``jit`` an
+    out-of-range label makes the loss and its gradient NaN, never a silently
+    wrong number.
+
+    >>> import jax.numpy as jnp, jaxlinear
+    >>> z = jnp.array([[0.0, 0.0], [0.0, 0.0]])
+    >>> round(float(jaxlinear.softmax_cross_entropy(z, jnp.array([0, 1]))), 6)  # log 2
+    0.693147
+    """
+    logits = as_float_array("logits", logits)
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"`labels` must have an integer dtype (class indices); got {labels.dtype}. "
+            "Pass class indices, e.g. `labels.astype(jnp.int32)`, not one-hot floats."
+        )
+    if logits.ndim == 0 or labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"`labels` must have shape logits.shape[:-1] = {logits.shape[:-1]}; "
+            f"got labels.shape={labels.shape} (logits.shape={logits.shape})."
+        )
+    _rows("logits", logits)
+    num_classes = logits.shape[-1]
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"`labels` must lie in [0, {num_classes}) for logits with "
+                f"{num_classes} classes; got values from {lo} to {hi}."
+            )
+    return _xent(logits, labels)

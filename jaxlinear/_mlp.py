@@ -1,0 +1,107 @@
+r"""Multi-layer perceptrons built from :func:`linear_apply` and the activations.
+
+An MLP with sizes ``(d₀, d₁, …, d_L)`` is h⁰ = x, hˡ = act(hˡ⁻¹ Wˡ + bˡ) for
+l < L, and y = final(h^{L-1} W^L + b^L). Backpropagation is the chain rule
+applied layer by layer, each layer running its own hand-derived backward:
+gˡ⁻¹ = ∂L/∂hˡ⁻¹ = (gˡ ⊙ act'(zˡ)) Wˡᵀ, and ∂L/∂Wˡ = hˡ⁻¹ᵀ (gˡ ⊙ act'(zˡ)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._activations import relu
+from ._init import linear_init
+from ._linear import LinearParams, linear_apply
+
+__all__ = ["mlp_init", "mlp_apply"]
+
+
+def mlp_init(
+    key: jax.Array,
+    sizes: Sequence[int],
+    *,
+    bias: bool = True,
+    layout: str = "in_out",
+    dtype: Any = jnp.float32,
+    init: str | Callable = "lecun_normal",
+) -> tuple[LinearParams, ...]:
+    """Initialise an MLP with layer sizes ``sizes = (in, hidden..., out)``.
+
+    Returns a tuple of ``len(sizes) - 1`` :class:`LinearParams`, a plain pytree
+    that Optax updates directly. ``bias``, ``layout``, ``dtype`` and ``init`` are
+    as in :func:`linear_init` and apply to every layer; each layer gets its own
+    key from ``jax.random.split``.
+
+    >>> import jax, jaxlinear
+    >>> params = jaxlinear.mlp_init(jax.random.key(0), (64, 32, 10))
+    >>> [p.W.shape for p in params]
+    [(64, 32), (32, 10)]
+    """
+    sizes = tuple(sizes)
+    if len(sizes) < 2:
+        raise ValueError(
+            f"`sizes` must list at least an input and an output size, e.g. (4, 8, 1); "
+            f"got {sizes!r}."
+        )
+    keys = jax.random.split(key, len(sizes) - 1)
+    return tuple(
+        linear_init(k, i, o, bias=bias, layout=layout, dtype=dtype, init=init)
+        for k, i, o in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    )
+
+
+def _check_mlp(params: Any) -> tuple[LinearParams, ...]:
+    if not isinstance(params, (tuple, list)) or not params:
+        raise TypeError(
+            "`params` must be a non-empty tuple of LinearParams (as mlp_init returns); "
+            f"got {type(params).__name__}."
+        )
+    for i, p in enumerate(params):
+        if not isinstance(p, LinearParams):
+            raise TypeError(f"`params[{i}]` must be a LinearParams; got {type(p).__name__}.")
+        if getattr(p.W, "ndim", None) != 2:
+            raise ValueError(
+                f"`params[{i}].W` must be 2-D; got shape {getattr(p.W, 'shape', None)}."
+            )
+    for i in range(1, len(params)):
+        prev, cur = params[i - 1].out_features, params[i].in_features
+        if prev != cur:
+            raise ValueError(
+                f"layer sizes do not chain: `params[{i}]` has in_features={cur} but "
+                f"`params[{i - 1}]` has out_features={prev}."
+            )
+    return tuple(params)
+
+
+def mlp_apply(
+    params: Sequence[LinearParams],
+    x: jax.Array,
+    *,
+    activation: Callable[[jax.Array], jax.Array] = relu,
+    final_activation: Callable[[jax.Array], jax.Array] | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """Apply an MLP: ``activation`` after every layer but the last.
+
+    Args:
+        params: a tuple of :class:`LinearParams` (from :func:`mlp_init`).
+        x: ``(*batch, in_features)``.
+        activation: the hidden activation, default :func:`jaxlinear.relu`.
+        final_activation: applied to the last layer's output, or ``None``
+            (logits, as :func:`softmax_cross_entropy` expects).
+        precision: passed to every :func:`linear_apply`.
+
+    Returns:
+        ``(*batch, out_features)``.
+    """
+    params = _check_mlp(params)
+    h = x
+    for p in params[:-1]:
+        h = activation(linear_apply(p, h, precision=precision))
+    y = linear_apply(params[-1], h, precision=precision)
+    return y if final_activation is None else final_activation(y)
