@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._validate import as_float_array
+from ._validate import as_float_array, raise_forward_mode_hint
 
 __all__ = ["relu", "sigmoid", "tanh"]
 
@@ -45,7 +45,12 @@ def _elementwise(name: str, forward, backward, doc: str):
     act.defvjp(fwd, bwd)
 
     def public(z: jax.Array) -> jax.Array:
-        return act(as_float_array("z", z))
+        z = as_float_array("z", z)
+        try:
+            return act(z)
+        except TypeError as err:
+            raise_forward_mode_hint(err, name)
+            raise
 
     public.__name__ = public.__qualname__ = name
     public.__doc__ = doc
@@ -78,10 +83,18 @@ def _tanh_backward(t, g):
     return g * (jnp.ones((), t.dtype) - t * t)
 
 
+#: name -> (forward(z), derivative_times(output, g)): the one place each rule lives.
+#: The Jacobian is diagonal, so the same product g · f'(z) serves as the VJP
+#: (g a cotangent) and as the JVP (g a tangent).
+RULES = {
+    "relu": (_relu_forward, _relu_backward),
+    "sigmoid": (_sigmoid_forward, _sigmoid_backward),
+    "tanh": (jnp.tanh, _tanh_backward),
+}
+
 relu = _elementwise(
     "relu",
-    _relu_forward,
-    _relu_backward,
+    *RULES["relu"],
     """Rectified linear unit, r = max(z, 0), element-wise; any shape, float dtype.
 
     Backward: ∂L/∂z = g · [r > 0], from the saved output r.
@@ -94,8 +107,7 @@ relu = _elementwise(
 
 sigmoid = _elementwise(
     "sigmoid",
-    _sigmoid_forward,
-    _sigmoid_backward,
+    *RULES["sigmoid"],
     """Logistic sigmoid, s = 1/(1 + e^{-z}), element-wise; stable for large |z|.
 
     Backward: ∂L/∂z = g · s(1 − s), from the saved output s.
@@ -108,8 +120,7 @@ sigmoid = _elementwise(
 
 tanh = _elementwise(
     "tanh",
-    jnp.tanh,
-    _tanh_backward,
+    *RULES["tanh"],
     """Hyperbolic tangent, t = tanh z, element-wise.
 
     Backward: ∂L/∂z = g · (1 − t²), from the saved output t.

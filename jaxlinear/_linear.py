@@ -34,6 +34,7 @@ from ._validate import (
     check_float_dtype,
     check_layout,
     check_same_dtype,
+    raise_forward_mode_hint,
 )
 
 __all__ = ["LinearParams", "linear_apply", "linear_backward"]
@@ -194,10 +195,8 @@ def _backward(g: Array, x: Array, W: Array, layout: str, precision: Any):
     return dx.astype(x.dtype), dW.astype(W.dtype), db.astype(W.dtype)
 
 
-# Static configuration (hashable, never differentiated) is nondiff; x, W, b are
-# the differentiable arrays. ``has_bias`` is static so the residuals stay (x, W).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _linear(layout, precision, preferred_element_type, has_bias, x, W, b):
+def linear_forward(layout, precision, preferred_element_type, has_bias, x, W, b):
+    """y = x W + b as one ``dot_general`` and an explicitly broadcast add."""
     y = lax.dot_general(
         x,
         W,
@@ -212,8 +211,13 @@ def _linear(layout, precision, preferred_element_type, has_bias, x, W, b):
     return y
 
 
+# Static configuration (hashable, never differentiated) is nondiff; x, W, b are
+# the differentiable arrays. ``has_bias`` is static so the residuals stay (x, W).
+_linear = jax.custom_vjp(linear_forward, nondiff_argnums=(0, 1, 2, 3))
+
+
 def _linear_fwd(layout, precision, preferred_element_type, has_bias, x, W, b):
-    y = _linear(layout, precision, preferred_element_type, has_bias, x, W, b)
+    y = linear_forward(layout, precision, preferred_element_type, has_bias, x, W, b)
     # Residuals are exactly (x, W): db needs only g, and b's dtype is W's.
     return y, (x, W)
 
@@ -225,6 +229,43 @@ def _linear_bwd(layout, precision, preferred_element_type, has_bias, residuals, 
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def validate_linear_args(params, x, precision, preferred_element_type):
+    """Trace-time checks of :func:`linear_apply`'s arguments (shared by the
+    forward-mode twin). Returns ``(layout, x, W, b, preferred_element_type)``."""
+    if not isinstance(params, LinearParams):
+        raise TypeError(
+            f"`params` must be a jaxlinear.LinearParams; got {type(params).__name__}. "
+            "Build one with LinearParams(W, b) or linear_init(...)."
+        )
+    layout = params.layout
+    W = as_float_array("W", params.W)
+    b = None if params.b is None else as_float_array("b", params.b)
+    x = as_float_array("x", x)
+    check_same_dtype(x=x, W=W, b=b)
+    in_features, out_features = _check_weight(W, layout)
+    _check_x(x, in_features, W, layout)
+    if b is not None and b.shape != (out_features,):
+        raise ValueError(
+            f"`b` must have shape (out_features,) = ({out_features},) for W.shape="
+            f"{W.shape} with layout {layout!r}; got b.shape={b.shape}."
+        )
+    if preferred_element_type is not None:
+        preferred_element_type = check_float_dtype("preferred_element_type", preferred_element_type)
+        if jnp.finfo(preferred_element_type).bits < jnp.finfo(W.dtype).bits:
+            raise ValueError(
+                f"`preferred_element_type` (={np.dtype(preferred_element_type)}) "
+                f"must be at least as wide as the operands' dtype ({W.dtype})."
+            )
+    try:
+        hash(precision)
+    except TypeError as err:
+        raise TypeError(
+            "`precision` must be None, a string such as 'highest', a "
+            f"lax.Precision, or a tuple of two; got {precision!r}."
+        ) from err
+    return layout, x, W, b, preferred_element_type
 
 
 def linear_apply(
@@ -260,35 +301,11 @@ def linear_apply(
         >>> linear_apply(p, jnp.array([1.0, 2.0])).tolist()
         [1.0, 2.0, 4.0]
     """
-    if not isinstance(params, LinearParams):
-        raise TypeError(
-            f"`params` must be a jaxlinear.LinearParams; got {type(params).__name__}. "
-            "Build one with LinearParams(W, b) or linear_init(...)."
-        )
-    layout = params.layout
-    W = as_float_array("W", params.W)
-    b = None if params.b is None else as_float_array("b", params.b)
-    x = as_float_array("x", x)
-    check_same_dtype(x=x, W=W, b=b)
-    in_features, out_features = _check_weight(W, layout)
-    _check_x(x, in_features, W, layout)
-    if b is not None and b.shape != (out_features,):
-        raise ValueError(
-            f"`b` must have shape (out_features,) = ({out_features},) for W.shape="
-            f"{W.shape} with layout {layout!r}; got b.shape={b.shape}."
-        )
-    if preferred_element_type is not None:
-        preferred_element_type = check_float_dtype("preferred_element_type", preferred_element_type)
-        if jnp.finfo(preferred_element_type).bits < jnp.finfo(W.dtype).bits:
-            raise ValueError(
-                f"`preferred_element_type` (={np.dtype(preferred_element_type)}) "
-                f"must be at least as wide as the operands' dtype ({W.dtype})."
-            )
+    layout, x, W, b, preferred_element_type = validate_linear_args(
+        params, x, precision, preferred_element_type
+    )
     try:
-        hash(precision)
+        return _linear(layout, precision, preferred_element_type, b is not None, x, W, b)
     except TypeError as err:
-        raise TypeError(
-            "`precision` must be None, a string such as 'highest', a "
-            f"lax.Precision, or a tuple of two; got {precision!r}."
-        ) from err
-    return _linear(layout, precision, preferred_element_type, b is not None, x, W, b)
+        raise_forward_mode_hint(err, "linear_apply")
+        raise

@@ -21,7 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._validate import accumulation_dtype, as_float_array, check_same_dtype
+from ._validate import (
+    accumulation_dtype,
+    as_float_array,
+    check_same_dtype,
+    raise_forward_mode_hint,
+)
 
 __all__ = ["mse_loss", "softmax_cross_entropy"]
 
@@ -38,20 +43,23 @@ def _rows(name: str, a: jax.Array) -> int:
     return n
 
 
-def _sum_dtype(dtype) -> np.dtype:
+def sum_dtype(dtype) -> np.dtype:
     # Sum at least in float32: a float16/bfloat16 sum of many terms loses digits.
     return accumulation_dtype(dtype, np.dtype(jnp.float32))
 
 
-@jax.custom_vjp
-def _mse(y, t):
-    d = (y - t).astype(_sum_dtype(y.dtype))
+def mse_forward(y, t):
+    """L = 1/(2N) Σ ‖yᵢ − tᵢ‖², summed in at least float32."""
+    d = (y - t).astype(sum_dtype(y.dtype))
     n = math.prod(y.shape[:-1])
     return (jnp.sum(d * d) / (2 * n)).astype(y.dtype)
 
 
+_mse = jax.custom_vjp(mse_forward)
+
+
 def _mse_fwd(y, t):
-    return _mse(y, t), y - t  # one residual: the difference
+    return mse_forward(y, t), y - t  # one residual: the difference
 
 
 def _mse_bwd(diff, g):
@@ -82,6 +90,16 @@ def mse_loss(y: jax.Array, t: jax.Array) -> jax.Array:
     >>> jax.grad(jaxlinear.mse_loss)(y, t).tolist()
     [[0.5, 1.0], [1.5, 2.0]]
     """
+    y, t = validate_mse_args(y, t)
+    try:
+        return _mse(y, t)
+    except TypeError as err:
+        raise_forward_mode_hint(err, "mse_loss")
+        raise
+
+
+def validate_mse_args(y, t):
+    """Trace-time checks of :func:`mse_loss`'s arguments (shared with the twin)."""
     y = as_float_array("y", y)
     t = as_float_array("t", t)
     check_same_dtype(y=y, t=t)
@@ -90,7 +108,7 @@ def mse_loss(y: jax.Array, t: jax.Array) -> jax.Array:
             f"`y` and `t` must have the same shape; got y.shape={y.shape}, t.shape={t.shape}."
         )
     _rows("y", y)
-    return _mse(y, t)
+    return y, t
 
 
 def _log_softmax(z):
@@ -99,13 +117,9 @@ def _log_softmax(z):
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
 
 
-@jax.custom_vjp
-def _xent(logits, labels):
-    return _xent_fwd(logits, labels)[0]
-
-
-def _xent_fwd(logits, labels):
-    z = logits.astype(_sum_dtype(logits.dtype))
+def xent_forward(logits, labels):
+    """(loss, softmax probabilities) of the mean cross-entropy."""
+    z = logits.astype(sum_dtype(logits.dtype))
     logp = _log_softmax(z)
     # An out-of-range label picks NaN, so the loss says so instead of being wrong.
     picked = jnp.take_along_axis(logp, labels[..., None], axis=-1, mode="fill", fill_value=jnp.nan)[
@@ -113,19 +127,32 @@ def _xent_fwd(logits, labels):
     ]
     n = math.prod(logits.shape[:-1])
     loss = (-jnp.sum(picked) / n).astype(logits.dtype)
-    # Residuals: softmax probabilities and the labels (both needed for p - onehot).
-    return loss, (jnp.exp(logp).astype(logits.dtype), labels)
+    return loss, jnp.exp(logp).astype(logits.dtype)
 
 
-def _xent_bwd(residuals, g):
-    p, labels = residuals
+def xent_dlogits(p, labels):
+    """∂L/∂logits = (p − onehot(labels))/N; NaN rows for out-of-range labels."""
     n = math.prod(p.shape[:-1])
     classes = jnp.arange(p.shape[-1], dtype=labels.dtype)
     onehot = (labels[..., None] == classes).astype(p.dtype)
     # A row with an out-of-range label has no onehot entry; make its gradient NaN too.
     valid = (labels >= 0) & (labels < p.shape[-1])
     grad = jnp.where(valid[..., None], p - onehot, jnp.full((), jnp.nan, p.dtype))
-    return grad * (g / n).astype(p.dtype), None  # integer labels get no cotangent
+    return grad / jnp.asarray(n, p.dtype)
+
+
+_xent = jax.custom_vjp(lambda logits, labels: xent_forward(logits, labels)[0])
+
+
+def _xent_fwd(logits, labels):
+    loss, p = xent_forward(logits, labels)
+    # Residuals: softmax probabilities and the labels (both needed for p − onehot).
+    return loss, (p, labels)
+
+
+def _xent_bwd(residuals, g):
+    p, labels = residuals
+    return xent_dlogits(p, labels) * g.astype(p.dtype), None  # integer labels: no cotangent
 
 
 _xent.defvjp(_xent_fwd, _xent_bwd)
@@ -153,6 +180,16 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     >>> round(float(jaxlinear.softmax_cross_entropy(z, jnp.array([0, 1]))), 6)  # log 2
     0.693147
     """
+    logits, labels = validate_xent_args(logits, labels)
+    try:
+        return _xent(logits, labels)
+    except TypeError as err:
+        raise_forward_mode_hint(err, "softmax_cross_entropy")
+        raise
+
+
+def validate_xent_args(logits, labels):
+    """Trace-time checks of :func:`softmax_cross_entropy`'s arguments."""
     logits = as_float_array("logits", logits)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -174,4 +211,4 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
                 f"`labels` must lie in [0, {num_classes}) for logits with "
                 f"{num_classes} classes; got values from {lo} to {hi}."
             )
-    return _xent(logits, labels)
+    return logits, labels

@@ -99,9 +99,14 @@ def mlp_apply(
     Returns:
         ``(*batch, out_features)``.
     """
+    return mlp_forward(params, x, activation, final_activation, precision, linear_apply)
+
+
+def mlp_forward(params, x, activation, final_activation, precision, linear):
+    """The layer loop shared by :func:`mlp_apply` and its forward-mode twin."""
     params = _check_mlp(params)
     h = x
     for p in params[:-1]:
-        h = activation(linear_apply(p, h, precision=precision))
-    y = linear_apply(params[-1], h, precision=precision)
+        h = activation(linear(p, h, precision=precision))
+    y = linear(params[-1], h, precision=precision)
     return y if final_activation is None else final_activation(y)

@@ -86,3 +86,20 @@ def accumulation_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
     if bits_a == bits_b:  # float16 with bfloat16: neither holds the other.
         return np.dtype(jnp.float32)
     return a if bits_a > bits_b else b
+
+
+def raise_forward_mode_hint(err: TypeError, name: str) -> None:
+    """Re-raise JAX's "forward-mode on a custom_vjp" error with the alternative.
+
+    Called from an ``except TypeError`` around a custom-VJP call; returns (so the
+    caller re-raises the original) for any other ``TypeError``.
+    """
+    if "forward-mode" not in str(err) or "custom_vjp" not in str(err):
+        return
+    raise TypeError(
+        f"jaxlinear.{name} differentiates in reverse mode only (its backward is a "
+        f"hand-derived custom_vjp), so jax.jvp/jacfwd/linearize/hessian cannot "
+        f"pass through it. Use the forward-mode twin `jaxlinear.fwd.{name}`, whose "
+        f"hand-derived JVP rule supports forward and reverse mode alike. "
+        f"(JAX said: {err})"
+    ) from err
