@@ -133,7 +133,7 @@ def xent_forward(logits, labels):
 def xent_dlogits(p, labels):
     """∂L/∂logits = (p − onehot(labels))/N; NaN rows for out-of-range labels."""
     n = math.prod(p.shape[:-1])
-    classes = jnp.arange(p.shape[-1], dtype=labels.dtype)
+    classes = jax.lax.broadcasted_iota(labels.dtype, p.shape, p.ndim - 1)
     onehot = (labels[..., None] == classes).astype(p.dtype)
     # A row with an out-of-range label has no onehot entry; make its gradient NaN too.
     valid = (labels >= 0) & (labels < p.shape[-1])
@@ -205,7 +205,10 @@ def validate_xent_args(logits, labels):
     _rows("logits", logits)
     num_classes = logits.shape[-1]
     if not isinstance(labels, jax.core.Tracer) and labels.size:
-        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        # Concrete labels (eager, or closed over under jit): check on the host, where
+        # no operation is staged into a trace.
+        host = np.asarray(labels)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"`labels` must lie in [0, {num_classes}) for logits with "

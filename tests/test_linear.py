@@ -122,7 +122,7 @@ def test_check_grads_float64_second_order(layout, bias):
         rtol, atol = tolerance_for(jnp.float64).fd
         step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(x))))
         # check_grads would scale a default tolerance; ours comes from the table.
-        check_grads(f, args, order=2, modes=("rev",), eps=step, rtol=rtol, atol=atol)
+        check_grads(jax.jit(f), args, order=2, modes=("rev",), eps=step, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -232,5 +232,11 @@ def test_every_backend(device, layout):
             rtol, atol = tolerance_for(jnp.float64).fd
             step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(x64))))
             check_grads(
-                f, (p64.W, x64, p64.b), order=1, modes=("rev",), eps=step, rtol=rtol, atol=atol
+                jax.jit(f),
+                (p64.W, x64, p64.b),
+                order=1,
+                modes=("rev",),
+                eps=step,
+                rtol=rtol,
+                atol=atol,
             )

@@ -1,0 +1,261 @@
+"""Hand-derived activation and loss rules against autodiff, finite differences and examples."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import jaxlinear as jl
+from jaxlinear import FD_RELATIVE_STEP, tolerance_for
+from tests.helpers import (
+    DTYPE_IDS,
+    DTYPES,
+    assert_close,
+    assert_tree_close,
+    backend_params,
+    dtype_context,
+    normal,
+)
+
+ACTIVATIONS = {
+    "relu": (jl.relu, jax.nn.relu),
+    "sigmoid": (jl.sigmoid, jax.nn.sigmoid),
+    "tanh": (jl.tanh, jnp.tanh),
+}
+SHAPES = [(), (7,), (3, 5), (2, 3, 4)]
+
+
+def plain_mse(y, t):
+    n = int(np.prod(y.shape[:-1]))
+    return 0.5 * jnp.sum((y - t) ** 2) / n
+
+
+def plain_xent(logits, labels):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_vjp_matches_autodiff(name, shape, dtype):
+    ours, ref = ACTIVATIONS[name]
+    with dtype_context(dtype):
+        z = normal(jax.random.key(0), shape, dtype, 2.0)
+        g = normal(jax.random.key(1), shape, dtype)
+
+        def both(z, g):
+            y1, f1 = jax.vjp(ours, z)
+            y2, f2 = jax.vjp(ref, z)
+            return y1, f1(g)[0], y2, f2(g)[0]
+
+        y1, d1, y2, d2 = jax.jit(both)(z, g)
+        assert y1.dtype == d1.dtype == dtype
+        assert_close(y1, y2, dtype)
+        assert_close(d1, d2, dtype)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_float64_finite_differences_second_order(name):
+    ours, _ = ACTIVATIONS[name]
+    with jax.enable_x64(True):
+        # Keep relu's inputs away from its kink at 0, where differences straddle it.
+        z = normal(jax.random.key(2), (4, 3), jnp.float64)
+        z = jnp.where(jnp.abs(z) < 0.1, z + jnp.sign(z) * 0.2, z)
+        rtol, atol = tolerance_for(jnp.float64).fd
+        step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(z))))
+        check_grads(jax.jit(ours), (z,), order=2, modes=("rev",), eps=step, rtol=rtol, atol=atol)
+
+
+def test_relu_derivative_at_zero_is_zero_like_jax_nn():
+    z = jnp.array([-1.0, 0.0, 1e-30, 3.0])
+    np.testing.assert_array_equal(
+        jax.grad(lambda z: jl.relu(z).sum())(z), jax.grad(lambda z: jax.nn.relu(z).sum())(z)
+    )
+    np.testing.assert_array_equal(jax.grad(lambda z: jl.relu(z).sum())(z), [0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sigmoid_is_stable_for_large_inputs(dtype):
+    with dtype_context(dtype):
+        z = jnp.array([-1e4, -100.0, -30.0, 0.0, 30.0, 100.0, 1e4], dtype)
+        s, vjp = jax.vjp(jl.sigmoid, z)
+        (ds,) = vjp(jnp.ones_like(z))
+        assert np.all(np.isfinite(np.asarray(s, np.float64)))
+        assert np.all(np.isfinite(np.asarray(ds, np.float64)))
+        assert_close(s, jax.nn.sigmoid(z), dtype)
+        assert_close(ds, jax.grad(lambda z: jax.nn.sigmoid(z).sum())(z), dtype)
+        assert float(s[0]) == 0.0 and float(s[-1]) == 1.0
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_saves_only_its_output(name, capsys):
+    ours, _ = ACTIVATIONS[name]
+    from jax.ad_checkpoint import print_saved_residuals
+
+    print_saved_residuals(lambda z: ours(z).sum(), jnp.ones((4, 3)))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    # One residual, the (4, 3) output; nothing else of the input is kept.
+    assert len(lines) == 1, lines
+    assert "f32[4,3]" in lines[0]
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_composes(name):
+    ours, ref = ACTIVATIONS[name]
+    z = normal(jax.random.key(3), (5, 3), jnp.float32)
+    per_row = jax.jit(jax.vmap(jax.grad(lambda r: jnp.sum(ours(r) ** 2))))(z)
+    assert_close(per_row, jax.vmap(jax.grad(lambda r: jnp.sum(ref(r) ** 2)))(z), jnp.float32)
+    with jax.enable_x64(True):
+        z64 = z.astype(jnp.float64)
+        h1 = jax.jit(jax.jacrev(jax.jacrev(lambda r: jnp.sum(ours(r) ** 3))))(z64)
+        h2 = jax.jacrev(jax.jacrev(lambda r: jnp.sum(ref(r) ** 3)))(z64)
+        assert_close(h1, h2, jnp.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(3,), (6, 3), (2, 4, 3)], ids=str)
+def test_mse_matches_autodiff(shape, dtype):
+    with dtype_context(dtype):
+        y = normal(jax.random.key(4), shape, dtype)
+        t = normal(jax.random.key(5), shape, dtype)
+        l1, (dy1, dt1) = jax.jit(jax.value_and_grad(jl.mse_loss, argnums=(0, 1)))(y, t)
+        l2, (dy2, dt2) = jax.jit(jax.value_and_grad(plain_mse, argnums=(0, 1)))(y, t)
+        assert l1.dtype == dy1.dtype == dt1.dtype == dtype
+        assert_close(l1, l2, dtype)
+        assert_tree_close((dy1, dt1), (dy2, dt2), dtype)
+
+
+def test_mse_worked_example_and_mean_over_rows():
+    y = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    t = jnp.array([[0.0, 0.0], [1.0, 1.0]])
+    # N = 2 rows: L = (1 + 4 + 4 + 9) / (2 * 2) = 4.5, dL/dy = (y - t)/2.
+    assert float(jl.mse_loss(y, t)) == 4.5
+    np.testing.assert_array_equal(jax.grad(jl.mse_loss)(y, t), [[0.5, 1.0], [1.0, 1.5]])
+    np.testing.assert_array_equal(jax.grad(jl.mse_loss, 1)(y, t), [[-0.5, -1.0], [-1.0, -1.5]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("batch", [(), (6,), (2, 3)], ids=str)
+def test_xent_matches_autodiff(batch, dtype):
+    with dtype_context(dtype):
+        logits = normal(jax.random.key(6), batch + (5,), dtype, 3.0)
+        labels = jax.random.randint(jax.random.key(7), batch, 0, 5)
+        l1, d1 = jax.jit(jax.value_and_grad(jl.softmax_cross_entropy))(logits, labels)
+        l2, d2 = jax.jit(jax.value_and_grad(plain_xent))(logits, labels)
+        assert l1.dtype == d1.dtype == dtype
+        assert_close(l1, l2, dtype)
+        assert_close(d1, d2, dtype)
+
+
+def test_xent_worked_example_and_stability():
+    logits = jnp.array([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]])
+    labels = jnp.array([0, 2])
+    loss, d = jax.value_and_grad(jl.softmax_cross_entropy)(logits, labels)
+    # Row 0 is certain and right (loss 0); row 1 is uniform (loss log 3). N = 2.
+    np.testing.assert_allclose(float(loss), np.log(3) / 2, rtol=1e-6)
+    np.testing.assert_allclose(d, [[0.0, 0.0, 0.0], [1 / 6, 1 / 6, -1 / 3]], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "loss,args",
+    [
+        ("mse", lambda k: (normal(k, (4, 3), jnp.float64), normal(k, (4, 3), jnp.float64, 0.5))),
+        ("xent", lambda k: (normal(k, (4, 5), jnp.float64), jnp.array([0, 4, 2, 2]))),
+    ],
+)
+def test_loss_float64_finite_differences_second_order(loss, args):
+    with jax.enable_x64(True):
+        a = args(jax.random.key(8))
+        fn = (
+            jl.mse_loss
+            if loss == "mse"
+            else (lambda z, labels=a[1]: jl.softmax_cross_entropy(z, labels))
+        )
+        a = a if loss == "mse" else a[:1]
+        rtol, atol = tolerance_for(jnp.float64).fd
+        step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(a[0]))))
+        check_grads(jax.jit(fn), a, order=2, modes=("rev",), eps=step, rtol=rtol, atol=atol)
+
+
+def test_loss_grad_of_grad_equals_autodiff():
+    with jax.enable_x64(True):
+        z = normal(jax.random.key(9), (3, 4), jnp.float64)
+        labels = jnp.array([1, 0, 3])
+        h1 = jax.jit(jax.jacrev(jax.jacrev(jl.softmax_cross_entropy)))(z, labels)
+        h2 = jax.jit(jax.jacrev(jax.jacrev(plain_xent)))(z, labels)
+        assert_close(h1, h2, jnp.float64)
+        t = normal(jax.random.key(10), (3, 4), jnp.float64)
+        assert_close(
+            jax.hessian(plain_mse)(z, t), jax.jacrev(jax.jacrev(jl.mse_loss))(z, t), jnp.float64
+        )
+
+
+def raises(exc, text):
+    return pytest.raises(exc, match=re.escape(text))
+
+
+def test_loss_errors():
+    y = jnp.ones((2, 3))
+    with raises(
+        ValueError, "`y` and `t` must have the same shape; got y.shape=(2, 3), t.shape=(3, 2)."
+    ):
+        jl.mse_loss(y, jnp.ones((3, 2)))
+    with raises(TypeError, "`y`, `t` must share one dtype"):
+        jl.mse_loss(y, jnp.ones((2, 3), jnp.bfloat16))
+    with raises(
+        ValueError, "`y` has no rows (shape (0, 3)): the mean over an empty batch is undefined."
+    ):
+        jl.mse_loss(jnp.ones((0, 3)), jnp.ones((0, 3)))
+    with raises(TypeError, "`labels` must have an integer dtype (class indices); got float32."):
+        jl.softmax_cross_entropy(y, jnp.array([0.0, 1.0]))
+    with raises(
+        ValueError,
+        "`labels` must have shape logits.shape[:-1] = (2,); got "
+        "labels.shape=(2, 3) (logits.shape=(2, 3)).",
+    ):
+        jl.softmax_cross_entropy(y, jnp.zeros((2, 3), jnp.int32))
+    with raises(
+        ValueError, "`labels` must lie in [0, 3) for logits with 3 classes; got values from 0 to 3."
+    ):
+        jl.softmax_cross_entropy(y, jnp.array([0, 3]))
+    with raises(TypeError, "`z` must have a real floating dtype"):
+        jl.relu(jnp.arange(3))
+
+
+def test_out_of_range_labels_under_jit_give_nan_not_a_wrong_number():
+    logits = normal(jax.random.key(11), (3, 4), jnp.float32)
+    labels = jnp.array([0, 7, 1])
+    loss, d = jax.jit(jax.value_and_grad(jl.softmax_cross_entropy))(logits, labels)
+    assert np.isnan(float(loss))
+    assert np.isnan(np.asarray(d[1])).all()
+    # Rows with valid labels keep their exact gradient.
+    ref = jax.jit(jax.grad(plain_xent))(logits, jnp.array([0, 0, 1]))
+    assert_close(d[jnp.array([0, 2])], ref[jnp.array([0, 2])], jnp.float32)
+
+
+@pytest.mark.parametrize("device", backend_params())
+def test_activations_and_losses_on_every_backend(device):
+    with jax.default_matmul_precision("highest"), jax.default_device(device):
+        z = jax.device_put(normal(jax.random.key(12), (6, 5), jnp.float32), device)
+        labels = jax.device_put(jnp.array([0, 1, 2, 3, 4, 0]), device)
+        for ours, ref in ACTIVATIONS.values():
+            assert_close(
+                jax.jit(jax.grad(lambda z, f=ours: jnp.sum(f(z) ** 2)))(z),
+                jax.jit(jax.grad(lambda z, f=ref: jnp.sum(f(z) ** 2)))(z),
+                jnp.float32,
+            )
+        assert_close(
+            jax.jit(jax.grad(jl.softmax_cross_entropy))(z, labels),
+            jax.grad(plain_xent)(z, labels),
+            jnp.float32,
+        )
+        t = jnp.zeros_like(z)
+        assert_close(
+            jax.jit(jax.grad(jl.mse_loss))(z, t), jax.jit(jax.grad(plain_mse))(z, t), jnp.float32
+        )

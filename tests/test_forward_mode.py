@@ -1,0 +1,216 @@
+"""Forward mode: jaxlinear.fwd's hand-derived JVP rules against autodiff and differences."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.test_util import check_grads
+
+import jaxlinear as jl
+import jaxlinear.fwd as jlf
+from jaxlinear import FD_RELATIVE_STEP, LinearParams, tolerance_for
+from tests.helpers import (
+    assert_close,
+    assert_tree_close,
+    normal,
+    plain_linear,
+    well_scaled_linear,
+)
+from tests.test_mlp import plain_mlp
+
+LAYOUTS = ["in_out", "out_in"]
+F32, F64 = jnp.float32, jnp.float64
+
+
+def scaled_like(tree, key):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_linear_jvp_matches_autodiff(layout, bias, batch):
+    params, x = well_scaled_linear(jax.random.key(0), 5, 3, batch, F32, layout=layout, bias=bias)
+    tangents = scaled_like((params, x), jax.random.key(1))
+    got = jax.jit(lambda p, t: jax.jvp(jlf.linear_apply, p, t))((params, x), tangents)
+    want = jax.jvp(plain_linear, (params, x), tangents)
+    assert_tree_close(got, want, F32)
+    # Tangent along W only: ẏ = x Ẇ.
+    dW = tangents[0].W
+    only_w = jax.jvp(
+        lambda W: jlf.linear_apply(LinearParams(W, params.b, layout), x), (params.W,), (dW,)
+    )[1]
+    assert_close(only_w, plain_linear(LinearParams(dW, None, layout), x), F32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_twin_reverse_mode_equals_the_hand_derived_backward(layout):
+    params, x = well_scaled_linear(jax.random.key(2), 4, 6, (5,), F32, layout=layout, bias=True)
+    g = normal(jax.random.key(3), (5, 6), F32)
+    _, vjp = jax.vjp(jlf.linear_apply, params, x)
+    dp, dx = vjp(g)
+    dx2, dW2, db2 = jl.linear_backward(g, x, params.W, layout=layout)
+    assert_tree_close((dx, dp.W, dp.b), (dx2, dW2, db2), F32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_linear_jacfwd_linearize_and_finite_differences(layout):
+    with jax.enable_x64(True):
+        params, x = well_scaled_linear(jax.random.key(4), 3, 2, (4,), F64, layout=layout, bias=True)
+
+        def f(W, x, b):
+            return jnp.tanh(jlf.linear_apply(LinearParams(W, b, layout), x))
+
+        def ref(W, x, b):
+            return jnp.tanh(plain_linear(LinearParams(W, b, layout), x))
+
+        args = (params.W, x, params.b)
+        assert_tree_close(
+            jax.jit(jax.jacfwd(f, argnums=(0, 1, 2)))(*args),
+            jax.jacrev(ref, argnums=(0, 1, 2))(*args),
+            F64,
+        )
+        y, f_lin = jax.linearize(f, *args)
+        t = scaled_like(args, jax.random.key(5))
+        assert_close(f_lin(*t), jax.jvp(ref, args, t)[1], F64)
+        rtol, atol = tolerance_for(F64).fd
+        step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(x))))
+        check_grads(jax.jit(f), args, order=2, modes=("fwd", "rev"), eps=step, rtol=rtol, atol=atol)
+
+
+ACT_TWINS = {
+    "relu": (jlf.relu, jax.nn.relu),
+    "sigmoid": (jlf.sigmoid, jax.nn.sigmoid),
+    "tanh": (jlf.tanh, jnp.tanh),
+}
+
+
+@pytest.mark.parametrize("name", ACT_TWINS)
+def test_activation_twins(name):
+    ours, ref = ACT_TWINS[name]
+    with jax.enable_x64(True):
+        z = normal(jax.random.key(6), (4, 3), F64, 2.0)
+        z = jnp.where(jnp.abs(z) < 0.1, z + 0.3, z)  # away from relu's kink
+        dz = normal(jax.random.key(7), (4, 3), F64)
+        assert_tree_close(jax.jvp(ours, (z,), (dz,)), jax.jvp(ref, (z,), (dz,)), F64)
+        # The twin computes the same values as the main function.
+        assert_close(ours(z), getattr(jl, name)(z), F64)
+        rtol, atol = tolerance_for(F64).fd
+        check_grads(
+            jax.jit(ours),
+            (z,),
+            order=2,
+            modes=("fwd", "rev"),
+            eps=FD_RELATIVE_STEP * 2.0,
+            rtol=rtol,
+            atol=atol,
+        )
+
+
+def test_loss_twins():
+    with jax.enable_x64(True):
+        y, t = normal(jax.random.key(8), (5, 3), F64), normal(jax.random.key(9), (5, 3), F64)
+        dy, dt = normal(jax.random.key(10), (5, 3), F64), normal(jax.random.key(11), (5, 3), F64)
+
+        def plain_mse(y, t):
+            return 0.5 * jnp.sum((y - t) ** 2) / y.shape[0]
+
+        assert_tree_close(
+            jax.jvp(jlf.mse_loss, (y, t), (dy, dt)), jax.jvp(plain_mse, (y, t), (dy, dt)), F64
+        )
+        assert_tree_close(
+            jax.jvp(lambda y: jlf.mse_loss(y, t), (y,), (dy,)),
+            jax.jvp(lambda y: plain_mse(y, t), (y,), (dy,)),
+            F64,
+        )
+        labels = jnp.array([0, 2, 1, 1, 0])
+
+        def plain_xent(z):
+            logp = jax.nn.log_softmax(z)
+            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+        assert_tree_close(
+            jax.jvp(lambda z: jlf.softmax_cross_entropy(z, labels), (y,), (dy,)),
+            jax.jvp(plain_xent, (y,), (dy,)),
+            F64,
+        )
+        assert_close(jlf.softmax_cross_entropy(y, labels), jl.softmax_cross_entropy(y, labels), F64)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_hessian_of_a_small_mlp_three_ways(act):
+    """jax.hessian(twin loss) == jacrev(jacrev(main loss)) == autodiff Hessian."""
+    with jax.enable_x64(True):
+        params = jl.mlp_init(jax.random.key(12), (3, 4, 2), dtype=F64)
+        x = normal(jax.random.key(13), (6, 3), F64)
+        labels = jnp.array([0, 1, 1, 0, 1, 0])
+        twin_act, main_act = getattr(jlf, act), getattr(jl, act)
+        ref_act = jax.nn.relu if act == "relu" else jnp.tanh
+
+        def twin(p):
+            return jlf.softmax_cross_entropy(jlf.mlp_apply(p, x, activation=twin_act), labels)
+
+        def main(p):
+            return jl.softmax_cross_entropy(jl.mlp_apply(p, x, activation=main_act), labels)
+
+        def ref(p):
+            logp = jax.nn.log_softmax(plain_mlp(p, x, ref_act))
+            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+        h_twin = jax.jit(jax.hessian(twin))(params)
+        h_main = jax.jit(jax.jacrev(jax.jacrev(main)))(params)
+        h_ref = jax.jit(jax.hessian(ref))(params)
+        assert_tree_close(h_twin, h_ref, F64)
+        assert_tree_close(h_main, h_ref, F64)
+        # Forward-over-reverse differentiates the hand-derived backward itself, so
+        # jax.hessian also works on the main (custom_vjp) functions.
+        assert_tree_close(jax.jit(jax.hessian(main))(params), h_ref, F64)
+
+
+def test_symbolic_zero_tangents_skip_products():
+    """jvp with respect to W alone: forward dot + x Ẇ, no ẋ W product."""
+    params, x = well_scaled_linear(
+        jax.random.key(14), 16, 8, (32,), F32, layout="in_out", bias=True
+    )
+
+    def f(W, dW):
+        return jax.jvp(lambda W: jlf.linear_apply(LinearParams(W, params.b), x), (W,), (dW,))
+
+    hlo = jax.jit(f).lower(params.W, params.W).compile().as_text()
+    assert len(re.findall(r"= \S+ dot\(", hlo)) == 2
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (
+            lambda: jax.jvp(
+                lambda x: jl.linear_apply(jl.linear_init(jax.random.key(0), 2, 2), x),
+                (jnp.ones(2),),
+                (jnp.ones(2),),
+            ),
+            "linear_apply",
+        ),
+        (lambda: jax.jacfwd(jl.relu)(jnp.ones(2)), "relu"),
+        (lambda: jax.jacfwd(lambda y: jl.mse_loss(y, jnp.zeros(2)))(jnp.ones(2)), "mse_loss"),
+        (
+            lambda: jax.jvp(
+                lambda z: jl.softmax_cross_entropy(z, jnp.array(0)), (jnp.ones(2),), (jnp.ones(2),)
+            ),
+            "softmax_cross_entropy",
+        ),
+    ],
+    ids=["linear", "relu", "mse", "xent"],
+)
+def test_forward_mode_on_the_main_functions_names_the_twin(call, name):
+    with pytest.raises(
+        TypeError, match=re.escape(f"Use the forward-mode twin `jaxlinear.fwd.{name}`")
+    ):
+        call()
