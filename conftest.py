@@ -1,15 +1,16 @@
-"""Strict JAX configuration for the whole test session.
+"""Test-session configuration shared by tests/, the library's doctests and README.md.
 
-Strict dtype promotion and rank-promotion errors catch a silently promoted
-dtype or a mis-shaped bias that broadcasting would hide. They are set once for
-the session (the Equinox way) and x64 is only ever switched on with the
-``jax.enable_x64`` context manager, so no test leaks global configuration.
+* Eight simulated CPU devices, for the sharding tests. XLA_FLAGS must be set
+  before JAX initialises its backends; an explicit count from the caller wins.
+* No test may leak JAX configuration (x64 is only ever switched on with the
+  ``jax.enable_x64`` context manager).
+
+tests/conftest.py adds strict dtype and rank promotion for the tests proper;
+doctests run under JAX's defaults, as a user's code does.
 """
 
 import os
 
-# Eight simulated CPU devices for the sharding tests; must be set before JAX
-# initialises its backends. An explicit XLA_FLAGS from the caller is respected.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -18,13 +19,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-jax.config.update("jax_numpy_rank_promotion", "raise")
+
+def _config():
+    return (
+        jax.config.jax_enable_x64,
+        jax.config.jax_default_matmul_precision,
+        jax.config.jax_numpy_dtype_promotion,
+        jax.config.jax_numpy_rank_promotion,
+    )
 
 
 @pytest.fixture(autouse=True)
 def _no_config_leaks():
-    before = (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
+    before = _config()
     yield
-    after = (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
+    after = _config()
     assert before == after, f"a test leaked JAX config: {before} -> {after}"
