@@ -41,6 +41,10 @@ __all__ = ["LinearParams", "linear_apply", "linear_backward"]
 
 Array = jax.Array
 
+#: Trace-time taps on :func:`linear_apply`: empty except while
+#: ``jaxlinear.per_example_grad_norms`` traces a loss (their code is in ``_per_example.py``).
+TAPS: list = []
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["W", "b"], meta_fields=["layout"])
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +184,9 @@ def _backward(g: Array, x: Array, W: Array, layout: str, precision: Any):
         (((last,), (w_out_axis,)), ((), ())),
         precision=precision,
         preferred_element_type=acc,
+        # Under explicit sharding a cotangent takes its primal's sharding (as JAX's
+        # own dot_general transpose does); otherwise this is a no-op.
+        out_sharding=jax.typeof(x).sharding,
     )
     # dW = xᵀ g (in, out) or gᵀ x (out, in): contract every batch axis; with no
     # batch axes this is the outer product, as vmap over examples needs.
@@ -190,6 +197,7 @@ def _backward(g: Array, x: Array, W: Array, layout: str, precision: Any):
         ((batch, batch), ((), ())),
         precision=precision,
         preferred_element_type=acc,
+        out_sharding=jax.typeof(W).sharding,
     )
     db = jnp.sum(g, axis=batch, dtype=acc)
     return dx.astype(x.dtype), dW.astype(W.dtype), db.astype(W.dtype)
@@ -304,6 +312,8 @@ def linear_apply(
     layout, x, W, b, preferred_element_type = validate_linear_args(
         params, x, precision, preferred_element_type
     )
+    if TAPS:  # only while per_example_grad_norms / clipped_grad trace a loss
+        return TAPS[-1](params, x, W, b, precision, preferred_element_type)
     try:
         return _linear(layout, precision, preferred_element_type, b is not None, x, W, b)
     except TypeError as err:
