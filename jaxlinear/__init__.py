@@ -4,6 +4,7 @@ verified backward passes."""
 from importlib.metadata import PackageNotFoundError, version
 
 from ._activations import relu as relu, sigmoid as sigmoid, tanh as tanh
+from ._check import CheckReport as CheckReport, CheckRow as CheckRow, check_vjp as check_vjp
 from ._init import INITS as INITS, linear_init as linear_init
 from ._linear import (
     LinearParams as LinearParams,
@@ -12,6 +13,10 @@ from ._linear import (
 )
 from ._losses import mse_loss as mse_loss, softmax_cross_entropy as softmax_cross_entropy
 from ._mlp import mlp_apply as mlp_apply, mlp_init as mlp_init
+from ._per_example import (
+    clipped_grad as clipped_grad,
+    per_example_grad_norms as per_example_grad_norms,
+)
 from ._tolerances import (
     FD_RELATIVE_STEP as FD_RELATIVE_STEP,
     TOLERANCES as TOLERANCES,
@@ -25,17 +30,22 @@ except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "CheckReport",
+    "CheckRow",
     "FD_RELATIVE_STEP",
     "INITS",
     "LinearParams",
     "TOLERANCES",
     "Tolerance",
+    "check_vjp",
+    "clipped_grad",
     "linear_apply",
     "linear_backward",
     "linear_init",
     "mlp_apply",
     "mlp_init",
     "mse_loss",
+    "per_example_grad_norms",
     "relu",
     "sigmoid",
     "softmax_cross_entropy",

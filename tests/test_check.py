@@ -1,0 +1,439 @@
+"""jaxlinear.check_vjp: every library rule passes; the report; scoping; arguments."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlinear
+from jaxlinear import (
+    CheckReport,
+    LinearParams,
+    Tolerance,
+    check_vjp,
+    linear_apply,
+    softmax_cross_entropy,
+    tolerance_for,
+)
+from jaxlinear.check import library_cases, plain_linear, plain_softmax_cross_entropy
+
+CPU = jax.devices("cpu")
+CPU0 = CPU[:1]
+TEST_DTYPES = ("float32", "float64", "bfloat16")
+ROW_CHECKS = {"forward", "reference", "fd-element", "fd-direction", "vmap", "dtype", "retrace"}
+
+
+def linear_case(seed=0, batch=(5,), dtype=np.float32, bias=True, layout="in_out"):
+    """Well-scaled NumPy inputs: W ~ N(0, 1/in), b, x ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((6, 4)) / np.sqrt(6)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype) if bias else None
+    x = rng.standard_normal(batch + (6,)).astype(dtype)
+    return LinearParams(W if layout == "in_out" else W.T, b, layout), x
+
+
+# ----------------------------------------------------------------- the library passes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", library_cases(), ids=lambda c: c.name)
+def test_every_library_rule_passes(case):
+    """float32, float64 and bfloat16 here; ``python -m jaxlinear.check`` in CI adds
+    float16 (the slowest to compile on CPU)."""
+    dtypes = [d for d in TEST_DTYPES if case.dtypes is None or d in case.dtypes]
+    report = check_vjp(
+        case.fn,
+        case.args,
+        reference=case.reference,
+        dtypes=dtypes,
+        devices=CPU0,
+        vmap_in_axes=case.vmap_in_axes,
+    )
+    assert report.ok, str(report)
+    assert {r.dtype for r in report.rows} >= set(dtypes)
+    assert {r.check for r in report.rows} == ROW_CHECKS
+
+
+# ----------------------------------------------------------------- the report
+
+
+def test_report_rows_table_and_json():
+    params, x = linear_case()
+    report = check_vjp(linear_apply, (params, x), reference=plain_linear, devices=CPU0)
+    assert isinstance(report, CheckReport)
+    assert report.ok and not report.failures and report.failed_checks == frozenset()
+    assert report.name == "linear_apply"
+    # One row per check and argument, named from fn's signature and the pytree path.
+    args = {"params.W", "params.b", "x"}
+    for check in ("reference", "fd-element", "fd-direction", "dtype"):
+        assert {r.argument for r in report.select(check)} == args
+    assert {r.argument for r in report.select("vmap")} == args | {"output"}
+    assert [r.argument for r in report.select("forward")] == ["output"]
+    assert len(report.select("retrace")) == 1
+    assert {(r.device, r.dtype) for r in report.rows} == {("cpu:0", "float32")}
+    f32 = tolerance_for(np.float32)
+    for r in report.select("reference") + report.select("vmap"):
+        assert r.tolerance == f32.autodiff
+    for r in report.select("fd-element") + report.select("fd-direction"):
+        assert r.tolerance == f32.fd
+        assert 0 <= r.max_abs_err <= 1e-4 and r.passed
+    # The table: a summary, a header, then one line per row.
+    lines = str(report).splitlines()
+    assert lines[0] == f"check_vjp(linear_apply): PASS, {len(report.rows)} rows, 0 failed"
+    assert lines[1].split() == [
+        "check",
+        "device",
+        "dtype",
+        "argument",
+        "max",
+        "abs",
+        "err",
+        "max",
+        "rel",
+        "err",
+        "rtol,",
+        "atol",
+        "result",
+        "detail",
+    ]
+    assert len(lines) == 2 + len(report.rows)
+    assert all(" PASS" in line for line in lines[2:])
+    # JSON, strict (no NaN or Infinity literals), the same content.
+    data = json.loads(report.to_json(), parse_constant=pytest.fail)
+    assert data == report.to_dict()
+    assert data["ok"] is True and len(data["rows"]) == len(report.rows)
+    row = data["rows"][0]
+    assert set(row) == {
+        "check",
+        "device",
+        "dtype",
+        "argument",
+        "max_abs_err",
+        "max_rel_err",
+        "rtol",
+        "atol",
+        "status",
+        "detail",
+    }
+    assert (
+        repr(report)
+        == f"CheckReport(name='linear_apply', ok=True, rows={len(report.rows)}, failed=0)"
+    )
+
+
+def test_non_finite_errors_stay_valid_json():
+    @jax.custom_vjp
+    def f(x):
+        return 2 * x
+
+    f.defvjp(lambda x: (2 * x, None), lambda _, g: (g * jnp.nan,))
+    report = check_vjp(f, (np.ones(3, np.float32),), reference=lambda x: 2 * x, devices=CPU0)
+    assert report.failed_checks == {"reference", "fd-element", "fd-direction"}
+    (row,) = report.select("reference")
+    assert re.fullmatch(r"non-finite: worst at \(0,\): got nan, expected \S+", row.detail)
+    assert np.isnan(row.max_abs_err)
+    # NaN under vmap where the loop gives NaN too: the two agree.
+    assert all(r.passed for r in report.select("vmap"))
+    data = json.loads(report.to_json(), parse_constant=pytest.fail)
+    assert data["rows"][[r.check for r in report.rows].index("reference")]["max_abs_err"] == "nan"
+
+
+def test_rows_per_device_and_dtype():
+    params, x = linear_case()
+    report = check_vjp(
+        linear_apply,
+        (params, x),
+        reference=plain_linear,
+        devices=CPU[:2],
+        dtypes=[jnp.float32, "bfloat16"],
+        checks=["reference", "dtype"],
+    )
+    assert report.ok
+    seen = {(r.device, r.dtype) for r in report.rows}
+    assert seen == {(d, t) for d in ("cpu:0", "cpu:1") for t in ("float32", "bfloat16")}
+    for r in report.select("reference", dtype="bfloat16"):
+        assert r.tolerance == tolerance_for(jnp.bfloat16).autodiff
+    assert {r.check for r in report.rows} == {"forward", "reference", "dtype"}
+
+
+def test_default_devices_are_every_device():
+    params, x = linear_case()
+    report = check_vjp(linear_apply, (params, x), checks=["dtype"])
+    assert {r.device for r in report.rows} == {f"cpu:{d.id}" for d in jax.devices("cpu")}
+    assert len(jax.devices("cpu")) == 8  # conftest's simulated devices
+
+
+def test_runs_on_the_device_it_names():
+    seen = []
+
+    def f(x):
+        seen.append(None)
+        return jnp.sin(x)
+
+    # The computation is committed to each device in turn: one compilation each.
+    report = check_vjp(f, (np.ones(3, np.float32),), devices=CPU[2:4], checks=["dtype"])
+    assert {r.device for r in report.rows} == {"cpu:2", "cpu:3"}
+    assert report.ok and len(seen) >= 2
+
+
+def test_float64_is_scoped_and_real():
+    traced_dtypes = []
+
+    def f(x):
+        traced_dtypes.append(x.dtype)
+        return jnp.sin(x) * x
+
+    x = np.linspace(-1, 1, 5, dtype=np.float32)
+    report = check_vjp(
+        f, (x,), reference=lambda x: jnp.sin(x) * x, dtypes=["float64"], devices=CPU0
+    )
+    assert report.ok, report
+    assert not jax.config.jax_enable_x64  # never leaked (conftest checks it too)
+    assert np.dtype("float64") in traced_dtypes
+    assert {r.dtype for r in report.rows} == {"float64"}
+    for r in report.select("fd-element"):
+        assert r.max_abs_err < 1e-8  # float64 differences, not float32 ones
+
+
+def test_matmul_precision_is_highest_inside_and_restored():
+    seen = []
+
+    def f(x):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return x * x
+
+    x = np.ones(2, np.float32)
+    check_vjp(f, (x,), devices=CPU0, checks=["dtype"])
+    assert set(seen) == {"highest"}
+    seen.clear()
+    check_vjp(f, (x,), devices=CPU0, checks=["dtype"], precision=None)
+    assert set(seen) == {None}
+    assert jax.config.jax_default_matmul_precision is None
+
+
+def test_integer_leaves_are_held_fixed():
+    logits = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    labels = np.array([0, 3, 1, 4], np.int32)
+    report = check_vjp(
+        softmax_cross_entropy,
+        (logits, labels),
+        reference=plain_softmax_cross_entropy,
+        devices=CPU0,
+    )
+    assert report.ok, report
+    assert {r.argument for r in report.rows} <= {"logits", "output", "-"}
+
+
+def test_mixed_dtypes_use_the_least_precise_tolerance():
+    def f(x, w):
+        return x * w.astype(jnp.float32)
+
+    x = np.ones(3, np.float32)
+    w = np.ones(3, jnp.bfloat16)
+    report = check_vjp(f, (x, w), reference=f, devices=CPU0, checks=["reference", "dtype"])
+    assert report.ok
+    for r in report.select("reference"):
+        assert r.tolerance == tolerance_for(jnp.bfloat16).autodiff
+    assert {r.argument: r.dtype for r in report.select("dtype")} == {
+        "x": "float32",
+        "w": "bfloat16",
+    }
+
+
+def test_tolerance_override_is_used():
+    params, x = linear_case()
+    loose = Tolerance(autodiff=(0.5, 0.5), fd=(0.25, 0.25), reason="a test")
+    report = check_vjp(
+        linear_apply,
+        (params, x),
+        reference=plain_linear,
+        devices=CPU0,
+        tolerances={"float32": loose},
+    )
+    assert report.ok
+    assert {r.tolerance for r in report.select("reference")} == {(0.5, 0.5)}
+    assert {r.tolerance for r in report.select("fd-direction")} == {(0.25, 0.25)}
+
+
+def test_deterministic_given_the_seed():
+    params, x = linear_case()
+
+    def run(seed):
+        report = check_vjp(
+            linear_apply, (params, x), devices=CPU0, seed=seed, checks=["fd", "vmap"]
+        )
+        return [(r.check, r.argument, r.max_abs_err, r.max_rel_err) for r in report.rows]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)  # other directions, other rounding
+
+
+def test_checks_can_be_selected():
+    params, x = linear_case()
+    report = check_vjp(linear_apply, (params, x), devices=CPU0, checks=("vmap",))
+    assert {r.check for r in report.rows} == {"vmap"}
+    # Without a reference there are no reference rows, the rest run.
+    report = check_vjp(linear_apply, (params, x), devices=CPU0)
+    assert {r.check for r in report.rows} == ROW_CHECKS - {"forward", "reference"}
+
+
+def test_per_example_vmap_shows_the_rule_one_example():
+    ndims = set()
+
+    def f(params, x):
+        ndims.add(x.ndim)
+        return linear_apply(params, x)
+
+    params, x = linear_case(batch=(5,))
+    report = check_vjp(f, (params, x), devices=CPU0, vmap_in_axes=(None, 0), checks=["vmap"])
+    assert report.ok
+    assert 1 in ndims  # the rule ran on a single (in,) example
+    assert {r.detail for r in report.rows} == {"in_axes=(None, 0), 5 examples"}
+    # Per-example gradients of W are (5, in, out): compared example by example.
+    ensemble = check_vjp(f, (params, x), devices=CPU0, checks=["vmap"], vmap_size=4)
+    assert {r.detail for r in ensemble.rows} == {"4 perturbed copies stacked on a new axis 0"}
+
+
+def test_a_rule_redefined_in_place_is_checked_afresh():
+    """Compiled checks are reused for the same function, but never when what it
+    computes changed: no stale verdict after ``defvjp`` on the same object."""
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    x = np.linspace(-1, 1, 5, dtype=np.float32)
+    first = check_vjp(f, (x,), reference=jnp.sin, devices=CPU0)
+    assert first.ok
+    again = check_vjp(f, (x,), reference=jnp.sin, devices=CPU0)
+    (retrace,) = again.select("retrace")
+    assert retrace.detail.startswith("call 1 traced 0x")  # reused
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (2 * g * jnp.cos(x),))
+    fixed_wrongly = check_vjp(f, (x,), reference=jnp.sin, devices=CPU0)
+    assert fixed_wrongly.failed_checks == {"reference", "fd-element", "fd-direction"}
+
+
+def test_an_exception_in_the_rule_is_a_failing_row():
+    @jax.custom_vjp
+    def f(x):
+        return x
+
+    def bwd(_, g):
+        if g.dtype == jnp.bfloat16:
+            raise NotImplementedError("no bfloat16 rule yet")
+        return (g,)
+
+    f.defvjp(lambda x: (x, None), bwd)
+    report = check_vjp(f, (np.ones(3, np.float32),), dtypes=["float32", "bfloat16"], devices=CPU0)
+    assert not report.ok
+    (row,) = report.failures
+    assert (row.check, row.dtype) == ("vjp", "bfloat16")
+    assert row.detail == "the rule raised: NotImplementedError: no bfloat16 rule yet"
+    assert all(r.passed for r in report.rows if r.dtype == "float32")
+
+
+def test_a_function_computing_in_float32_is_flagged_in_the_differences():
+    def f(x):
+        return jnp.sin(x.astype(jnp.float32))  # float32 whatever the input
+
+    report = check_vjp(f, (np.ones(3, np.float32),), devices=CPU0, checks=["fd"])
+    for r in report.rows:
+        assert "fn returns float32 for float64 inputs" in r.detail
+
+
+def tanh_layer(params, x):
+    return jaxlinear.tanh(linear_apply(params, x))
+
+
+def plain_tanh_layer(params, x):
+    return jnp.tanh(plain_linear(params, x))
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_no_false_failures_on_well_scaled_inputs(seed):
+    """The check itself is sound: a right rule passes whatever the seed (module-level
+    functions, so the compiled checks are reused from seed to seed)."""
+    params, x = linear_case(seed=seed, batch=(3, 5) if seed % 2 else (5,))
+    report = check_vjp(
+        tanh_layer,
+        (params, x),
+        reference=plain_tanh_layer,
+        dtypes=["float32", "float64"],
+        devices=CPU0,
+        seed=seed,
+        vmap_in_axes=None if seed % 2 else (None, 0),
+    )
+    assert report.ok, str(report)
+
+
+# ----------------------------------------------------------------- bad arguments
+
+
+def _ok_args():
+    return linear_case()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"fn": 3}, TypeError, r"`fn` must be callable; got int"),
+        ({"args": [1.0]}, TypeError, r"`args` must be a tuple .* got list"),
+        ({"args": np.ones(3)}, TypeError, r"`args` must be a tuple .* got ndarray"),
+        ({"reference": "plain"}, TypeError, r"`reference` must be callable or None; got str"),
+        ({"dtypes": ["float8"]}, ValueError, r"`dtypes`: 'float8' is not a dtype"),
+        ({"dtypes": ["int32"]}, ValueError, r"`dtypes`: int32 is not a real floating dtype"),
+        ({"dtypes": ["float8_e4m3fn"]}, ValueError, r"`dtypes`: no tolerance for float8_e4m3fn"),
+        ({"dtypes": []}, TypeError, r"`dtypes` must be None .* non-empty sequence"),
+        ({"devices": ["cpu:0"]}, TypeError, r"`devices` entries must be jax.Device objects"),
+        ({"devices": "cpu"}, TypeError, r"`devices` must be None .* got 'cpu'"),
+        ({"tolerances": [1e-3]}, TypeError, r"`tolerances` must be a mapping"),
+        ({"tolerances": {"float32": (1e-3, 1e-3)}}, TypeError, r"`tolerances\[float32\]`"),
+        ({"checks": ["fd", "grad"]}, ValueError, r"`checks` must be non-empty names from"),
+        ({"checks": "fd"}, TypeError, r"`checks` must be a sequence"),
+        ({"seed": -1}, ValueError, r"`seed` must be an int >= 0; got -1"),
+        ({"num_directions": 0}, ValueError, r"`num_directions` must be an int >= 1; got 0"),
+        ({"vmap_size": 1}, ValueError, r"`vmap_size` must be an int >= 2; got 1"),
+        ({"precision": "fastest"}, ValueError, r"`precision` must be None or a default matmul"),
+        ({"vmap_in_axes": (0, 0)}, ValueError, r"`vmap_in_axes` \(\(0, 0\)\) does not fit `args`"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    params, x = _ok_args()
+    call = {"fn": linear_apply, "args": (params, x), "devices": CPU0} | kwargs
+    fn, args = call.pop("fn"), call.pop("args")
+    with pytest.raises(error, match=match):
+        check_vjp(fn, args, **call)
+
+
+def test_a_device_not_present_raises(monkeypatch):
+    import jaxlinear._check as module
+
+    monkeypatch.setattr(module, "_all_devices", lambda: CPU[:2])
+    with pytest.raises(
+        ValueError, match=r"`devices` entry .* is not present; available: cpu:0, cpu:1"
+    ):
+        check_vjp(jnp.sin, (np.ones(2, np.float32),), devices=[CPU[5]])
+
+
+def test_arguments_that_do_not_fit_fn_raise():
+    params, x = linear_case()
+    with pytest.raises(ValueError, match=r"`fn\(\*args\)` failed before any check could run: "):
+        check_vjp(linear_apply, (params, x[:, :3]), devices=CPU0)
+    with pytest.raises(ValueError, match=r"`args` has no floating-point leaves"):
+        check_vjp(lambda i: i * 1.0, (np.arange(3),), devices=CPU0)
+    with pytest.raises(
+        TypeError, match=r"`fn` must return floating arrays; output has dtype int32"
+    ):
+        check_vjp(lambda x: jnp.argmax(x).astype(jnp.int32), (np.ones(3, np.float32),))
+    with pytest.raises(TypeError, match=r"`args` leaf \[0\] is complex"):
+        check_vjp(jnp.abs, (np.ones(3, np.complex64),))
+    with pytest.raises(ValueError, match=r"no tolerance for the args' dtype float8_e4m3fn"):
+        check_vjp(jnp.sin, (np.ones(3, jnp.float8_e4m3fn),))
+    with pytest.raises(ValueError, match=r"`reference` must return what `fn` returns"):
+        check_vjp(linear_apply, (params, x), reference=lambda p, x: x, devices=CPU0)
