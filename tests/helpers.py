@@ -101,3 +101,20 @@ def plain_linear(params, x):
     if params.b is not None:
         y = y + jnp.broadcast_to(params.b, y.shape)
     return y
+
+
+def np_normal(seed, shape, scale=1.0):
+    """float32 N(0, scale²) draws from NumPy, the same for a given seed (no threefry
+    kernel compiled per shape, which costs more CPU than small tests themselves)."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(float(scale) * rng.standard_normal(shape, dtype=np.float32))
+
+
+def np_layer(seed, n_in, n_out, layout="in_out"):
+    """Well-scaled parameters from NumPy: W ~ N(0, 1/n_in), b ~ N(0, 1/4) (nonzero)."""
+    from jaxlinear import LinearParams
+
+    W = np_normal(seed, (n_in, n_out), 1 / np.sqrt(n_in))
+    return LinearParams(
+        W if layout == "in_out" else W.T, np_normal(seed + 1, (n_out,), 0.5), layout
+    )

@@ -17,14 +17,20 @@ from collections import Counter
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 
 import jaxlinear
 import jaxlinear.fwd as jlf
 from jaxlinear import LinearParams, linear_apply
-from tests.helpers import assert_close, assert_tree_close, plain_linear, take
+from tests.helpers import (
+    assert_close,
+    assert_tree_close,
+    np_layer as layer,
+    np_normal as normal,
+    plain_linear,
+    take,
+)
 
 F32 = jnp.float32
 POLICIES = jax.checkpoint_policies
@@ -34,18 +40,6 @@ BATCH = 7
 
 # Test inputs come from NumPy's generator: jax.random would compile a threefry
 # kernel for every new shape, which costs more CPU than the tests themselves.
-
-
-def normal(seed, shape, scale=1.0):
-    """float32 N(0, scale²) draws, the same for a given seed."""
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32))
-
-
-def layer(seed, n_in, n_out, layout="in_out"):
-    """Well-scaled parameters: W ~ N(0, 1/n_in), b ~ N(0, 1/4) (nonzero)."""
-    W = normal(seed, (n_in, n_out), 1 / np.sqrt(n_in))
-    return LinearParams(W if layout == "in_out" else W.T, normal(seed + 1, (n_out,), 0.5), layout)
 
 
 def mlp(seed, sizes, layout="in_out"):

@@ -23,7 +23,13 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxlinear
 from jaxlinear import LinearParams, linear_apply
-from tests.helpers import assert_close, assert_tree_close, plain_linear
+from tests.helpers import (
+    assert_close,
+    assert_tree_close,
+    np_layer as layer,
+    np_normal as normal,
+    plain_linear,
+)
 
 F32 = jnp.float32
 NUM_DEVICES = 8
@@ -62,17 +68,6 @@ def all_reduce_shapes(compiled) -> list[list[str]]:
         if m := re.search(r"= (.*?) all-reduce(?:-start)?\(", line):
             found.append(re.findall(r"[a-z]+\d*\[[\d,]*\]", m[1]))
     return found
-
-
-def normal(seed, shape, scale=1.0):
-    """float32 N(0, scale²) from NumPy (no threefry compile per shape)."""
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32))
-
-
-def layer(seed, n_in, n_out, layout="in_out"):
-    W = normal(seed, (n_in, n_out), 1 / np.sqrt(n_in))
-    return LinearParams(W if layout == "in_out" else W.T, normal(seed + 1, (n_out,), 0.5), layout)
 
 
 def on_one_device(tree):
