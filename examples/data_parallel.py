@@ -42,6 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _cli import (
+    accuracy,
+    add_out_argument,
+    optimizer_step,
+    output_path,
+    positive_int,
+    pyplot,
+    save_figure,
+)
 from _digits import NUM_CLASSES, NUM_FEATURES, TRAIN_SIZE, epoch_batches, load_digits
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -54,16 +63,6 @@ DEFAULT_LEARNING_RATE = 1e-3
 HIDDEN = 256
 PLOT_NAME = "data_parallel.png"
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -79,16 +78,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="epochs")
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="epochs")
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help="global minibatch size, split evenly across the devices",
     )
     parser.add_argument(
         "--devices",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="devices in the mesh (default: all of the default backend's)",
@@ -96,9 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the initialisation and the shuffling"
     )
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("out"), help="directory for the PNG"
-    )
+    add_out_argument(parser, "PNG")
     args = parser.parse_args(argv)
     available = len(jax.devices())
     if args.devices is None:
@@ -133,18 +130,13 @@ def make_train_epoch(optimizer: optax.GradientTransformation, batch_size: int, m
     the scan, so each device computes the loss and gradient of its rows and an
     all-reduce sums them. Without one, this is the single-device code.
     """
+    step = optimizer_step(loss_fn, optimizer)
 
     def train_epoch(params, opt_state, key, x, y):
         xb, yb = epoch_batches(key, x, y, batch_size)  # (steps, batch, 64), (steps, batch)
         if mesh is not None:
             xb = lax.with_sharding_constraint(xb, NamedSharding(mesh, P(None, "data", None)))
             yb = lax.with_sharding_constraint(yb, NamedSharding(mesh, P(None, "data")))
-
-        def step(carry, batch):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
 
         (params, opt_state), losses = lax.scan(step, (params, opt_state), (xb, yb))
         return params, opt_state, losses
@@ -177,17 +169,8 @@ def train(params, opt_state, epoch_keys, data, train_epoch, placement):
     return params, np.concatenate(losses), epoch
 
 
-def accuracy(params, x, y) -> float:
-    predicted = jnp.argmax(jaxlinear.mlp_apply(params, jnp.asarray(x)), axis=-1)
-    return float(jnp.mean((predicted == jnp.asarray(y)).astype(jnp.float32)))
-
-
 def plot_curves(single, parallel, devices, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = np.arange(1, len(single) + 1)
     fig, (ax_loss, ax_diff) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     ax_loss.plot(steps, single, label="1 device")
@@ -203,8 +186,7 @@ def plot_curves(single, parallel, devices, path: pathlib.Path) -> None:
         yscale="log",
         title=f"difference (exactly 0 at {np.sum(~nonzero)} of {len(steps)} steps)",
     )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -282,13 +264,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The epoch is one scan; the only all-reduce is the one inside its body.
     all_reduces_per_step = collectives["all-reduce"]
     other = sum(n for kind, n in collectives.items() if kind != "all-reduce")
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     test_accuracy = (
-        accuracy(single_params, data.x_test, data.y_test),
-        accuracy(jax.device_put(parallel_params, device), data.x_test, data.y_test),
+        float(accuracy(single_params, x_test, y_test)),
+        float(accuracy(jax.device_put(parallel_params, device), x_test, y_test)),
     )
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = args.out / PLOT_NAME
+    plot = output_path(args.out, PLOT_NAME)
     plot_curves(single, parallel, args.devices, plot)
 
     print(f"devices: {args.devices}")

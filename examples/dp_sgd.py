@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pathlib
 import time
 from collections.abc import Sequence
 
@@ -64,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _cli import accuracy, add_out_argument, output_path, positive_int
 from _digits import NUM_CLASSES, NUM_FEATURES, TRAIN_SIZE, load_digits
 from jax import lax
 
@@ -136,16 +136,6 @@ def epsilon(
 # --- training ------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
-
-
 def _float_in(low: float, high: float, *, low_open: bool, what: str):
     def parse(text: str) -> float:
         try:
@@ -170,10 +160,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="epochs")
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="epochs")
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help=f"expected batch size; sampling rate q = batch-size / {TRAIN_SIZE}, "
         "steps per epoch = round(1 / q)",
@@ -203,14 +193,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="delta of the reported (epsilon, delta)-DP guarantee",
     )
     parser.add_argument(
-        "--hidden", type=_positive_int, default=DEFAULT_HIDDEN, help="hidden layer width"
+        "--hidden", type=positive_int, default=DEFAULT_HIDDEN, help="hidden layer width"
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the initialisation, sampling and noise"
     )
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("out"), help="directory for the JSON"
-    )
+    add_out_argument(parser, "JSON")
     args = parser.parse_args(argv)
     if args.batch_size > TRAIN_SIZE:
         parser.error(f"--batch-size must be at most {TRAIN_SIZE}; got {args.batch_size}")
@@ -257,11 +245,6 @@ def make_epoch(optimizer, *, q: float, sigma: float, l2_clip: float, steps: int)
         return params, opt_state, jnp.mean(sampled), jnp.mean(norms)
 
     return epoch
-
-
-def accuracy(params, x, y):
-    predicted = jnp.argmax(jaxlinear.mlp_apply(params, x), axis=-1)
-    return jnp.mean((predicted == y).astype(jnp.float32))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -336,8 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "train_seconds": train_seconds,
         "history": history,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / JSON_NAME
+    path = output_path(args.out, JSON_NAME)
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     results["json"] = path
 

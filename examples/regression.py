@@ -21,7 +21,16 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 import optax
-from jax import lax
+from _cli import (
+    add_out_argument,
+    fit_full_batch,
+    output_path,
+    positive_float,
+    positive_int,
+    pyplot,
+    save_figure,
+    seed,
+)
 
 import jaxlinear
 
@@ -32,36 +41,6 @@ DEFAULT_LEARNING_RATE = 1e-2
 PLOT_NAME = "regression.png"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed; got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32); got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number; got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="regression.py",
@@ -69,26 +48,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=DEFAULT_STEPS, help="full-batch Adam steps"
+        "--steps", type=positive_int, default=DEFAULT_STEPS, help="full-batch Adam steps"
     )
     parser.add_argument(
-        "--points", type=_positive_int, default=DEFAULT_POINTS, help="training points"
+        "--points", type=positive_int, default=DEFAULT_POINTS, help="training points"
     )
     parser.add_argument(
-        "--hidden", type=_positive_int, default=DEFAULT_HIDDEN, help="units H per hidden layer"
+        "--hidden", type=positive_int, default=DEFAULT_HIDDEN, help="units H per hidden layer"
     )
     parser.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_LEARNING_RATE,
         help="peak Adam learning rate, decayed to 0 over the run by a cosine schedule",
     )
     parser.add_argument(
-        "--seed", type=_seed, default=0, help="seed of the training inputs and the initialisation"
+        "--seed", type=seed, default=0, help="seed of the training inputs and the initialisation"
     )
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("out"), help="directory for the PNG"
-    )
+    add_out_argument(parser, "PNG")
     return parser.parse_args(argv)
 
 
@@ -109,28 +86,11 @@ def train(key: jax.Array, sizes, optimizer: optax.GradientTransformation, steps:
     def loss_fn(params, x, y):
         return jaxlinear.mse_loss(predict(params, x), y)
 
-    @jax.jit
-    def run(key, x, y):
-        params = jaxlinear.mlp_init(key, sizes)
-
-        def step(carry, _):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, _), losses = lax.scan(step, (params, optimizer.init(params)), length=steps)
-        return params, losses
-
-    return run(key, x, y)
+    return fit_full_batch(key, sizes, loss_fn, optimizer, steps, x, y)
 
 
 def plot_results(params, losses, x, y, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     grid = np.linspace(-math.pi, math.pi, 401, dtype=np.float32)[:, None]
     fit = np.asarray(predict(params, grid))
     fig, (ax_loss, ax_fit) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
@@ -141,8 +101,7 @@ def plot_results(params, losses, x, y, path: pathlib.Path) -> None:
     ax_fit.scatter(x[:, 0], y[:, 0], s=6, color="k", label="training points")
     ax_fit.set(xlabel="x", ylabel="y", title="fit")
     ax_fit.legend()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -172,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     grid = np.linspace(-math.pi, math.pi, 401, dtype=np.float32)[:, None]
     max_abs_error = float(np.max(np.abs(np.asarray(predict(params, grid)) - np.sin(grid))))
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = args.out / PLOT_NAME
+    plot = output_path(args.out, PLOT_NAME)
     plot_results(params, losses, x, y, plot)
     print(f"first loss: {losses[0]:.3e}")
     print(f"final loss: {losses[-1]:.3e}")

@@ -28,6 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _cli import (
+    accuracy,
+    add_out_argument,
+    optimizer_step,
+    output_path,
+    positive_float,
+    positive_int,
+    pyplot,
+    save_figure,
+    seed,
+)
 from _digits import NUM_CLASSES, NUM_FEATURES, TRAIN_SIZE, epoch_batches, load_digits
 from jax import lax
 
@@ -42,36 +53,6 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_LEARNING_RATE = 3e-3
 DEFAULT_HIDDEN = (512,)
 PLOT_NAME = "train_digits.png"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed; got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32); got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number; got {text}")
-    return value
 
 
 def _hidden_sizes(text: str) -> tuple[int, ...]:
@@ -97,17 +78,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="training epochs"
+        "--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="training epochs"
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help=f"minibatch size; each epoch drops the last {TRAIN_SIZE} %% batch-size shuffled rows",
     )
     parser.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_LEARNING_RATE,
         help="peak Adam learning rate, decayed to 0 over the run by a cosine schedule",
     )
@@ -119,11 +100,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="hidden layer sizes, comma-separated (e.g. 128,128)",
     )
     parser.add_argument(
-        "--seed", type=_seed, default=0, help="seed of the initialisation and the shuffling"
+        "--seed", type=seed, default=0, help="seed of the initialisation and the shuffling"
     )
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("out"), help="directory for the PNG"
-    )
+    add_out_argument(parser, "PNG")
     parser.add_argument(
         "--no-progress", action="store_true", help="no tqdm progress bar (it writes to stderr)"
     )
@@ -142,6 +121,8 @@ def make_functions(optimizer: optax.GradientTransformation, batch_size: int):
     def loss_fn(params, x, y):
         return jaxlinear.softmax_cross_entropy(jaxlinear.mlp_apply(params, x), y)
 
+    step = optimizer_step(loss_fn, optimizer)
+
     def train_epoch(params, opt_state, key, epoch, x, y):
         """Epoch ``epoch``: shuffle, then ``lax.scan`` one Adam step per minibatch.
 
@@ -152,18 +133,8 @@ def make_functions(optimizer: optax.GradientTransformation, batch_size: int):
         epoch_key = jax.random.fold_in(key, epoch)
         xb, yb = epoch_batches(epoch_key, x, y, batch_size)  # (steps, batch, 64), (steps, batch)
 
-        def step(carry, batch):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
         (params, opt_state), losses = lax.scan(step, (params, opt_state), (xb, yb))
         return params, opt_state, jnp.mean(losses)
-
-    def accuracy(params, x, y):
-        predicted = jnp.argmax(jaxlinear.mlp_apply(params, x), axis=-1)
-        return jnp.mean((predicted == y).astype(jnp.float32))
 
     def evaluate(params, x_train, y_train, x_test, y_test):
         return accuracy(params, x_train, y_train), accuracy(params, x_test, y_test)
@@ -172,11 +143,7 @@ def make_functions(optimizer: optax.GradientTransformation, batch_size: int):
 
 
 def plot_curves(history: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     ax_loss.plot(epochs, history["loss"], marker=".")
@@ -186,8 +153,7 @@ def plot_curves(history: dict, path: pathlib.Path) -> None:
     ax_acc.axhline(0.97, color="grey", linestyle=":", label="0.97")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -255,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bar.close()
 
     samples_per_second = args.epochs * steps * args.batch_size / train_seconds
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = args.out / PLOT_NAME
+    plot = output_path(args.out, PLOT_NAME)
     plot_curves(history, plot)
 
     wall_seconds = time.perf_counter() - run_start

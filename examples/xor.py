@@ -21,7 +21,16 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 import optax
-from jax import lax
+from _cli import (
+    add_out_argument,
+    fit_full_batch,
+    output_path,
+    positive_float,
+    positive_int,
+    pyplot,
+    save_figure,
+    seed,
+)
 
 import jaxlinear
 
@@ -33,36 +42,6 @@ DEFAULT_LEARNING_RATE = 0.05
 PLOT_NAME = "xor.png"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed; got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32); got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number; got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="xor.py",
@@ -70,18 +49,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=DEFAULT_STEPS, help="full-batch Adam steps"
+        "--steps", type=positive_int, default=DEFAULT_STEPS, help="full-batch Adam steps"
     )
     parser.add_argument(
-        "--hidden", type=_positive_int, default=DEFAULT_HIDDEN, help="hidden units H"
+        "--hidden", type=positive_int, default=DEFAULT_HIDDEN, help="hidden units H"
     )
     parser.add_argument(
-        "--lr", type=_positive_float, default=DEFAULT_LEARNING_RATE, help="Adam learning rate"
+        "--lr", type=positive_float, default=DEFAULT_LEARNING_RATE, help="Adam learning rate"
     )
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the initialisation")
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("out"), help="directory for the PNG"
-    )
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the initialisation")
+    add_out_argument(parser, "PNG")
     return parser.parse_args(argv)
 
 
@@ -105,30 +82,11 @@ def train(key: jax.Array, hidden: int, optimizer: optax.GradientTransformation, 
     def loss_fn(params, x, y):
         return jaxlinear.softmax_cross_entropy(logits_fn(params, x), y)
 
-    @jax.jit
-    def run(key, x, y):
-        params = jaxlinear.mlp_init(key, (2, hidden, 2))
-
-        def step(carry, _):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, _), losses = lax.scan(step, (params, optimizer.init(params)), length=steps)
-        return params, losses
-
-    # The data are arguments, not closed-over constants: constants would be
-    # baked into the compiled program.
-    return run(key, INPUTS, TARGETS)
+    return fit_full_batch(key, (2, hidden, 2), loss_fn, optimizer, steps, INPUTS, TARGETS)
 
 
 def plot_decision_boundary(params, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     grid = np.linspace(-0.5, 1.5, 201, dtype=np.float32)
     gx, gy = np.meshgrid(grid, grid)
     points = np.stack([gx, gy], axis=-1)  # (201, 201, 2): mlp_apply takes any leading axes
@@ -142,8 +100,7 @@ def plot_decision_boundary(params, path: pathlib.Path) -> None:
         ax.scatter(a, b, s=150, c="tab:red" if t else "tab:blue", edgecolors="k", zorder=3)
         ax.annotate(f"{int(a)} xor {int(b)} = {t}", (a, b), (6, 8), textcoords="offset points")
     ax.set(xlabel="a", ylabel="b", title="XOR: decision boundary (p = 0.5)", aspect="equal")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -172,8 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"({int(a)}, {int(b)}) -> {pred}  p(1)={p:.3f}  target {t}  {mark}")
     accuracy = float(np.mean(np.asarray(predictions) == TARGETS))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot = args.out / PLOT_NAME
+    plot = output_path(args.out, PLOT_NAME)
     plot_decision_boundary(params, plot)
     print(f"first loss: {losses[0]:.5f}")
     print(f"final loss: {losses[-1]:.5f}")

@@ -193,7 +193,12 @@ def test_train_digits_default_settings_reach_97_percent(tmp_path):
 def _load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Examples import their helpers (``_cli``) from their own folder, as a run puts it on sys.path.
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
     return module
 
 
