@@ -232,8 +232,22 @@ class CheckReport:
 # --------------------------------------------------------------------------- comparisons
 
 
-def _compare(actual, expected, tol: tuple[float, float]):
-    """Element-wise ``|a − e| <= atol + rtol·|e|``: ``(max_abs, max_rel, passed, detail)``.
+def _magnitude(arrays) -> float:
+    """The typical magnitude of a gradient, min(1, max |entry| over all its leaves).
+
+    The table's atol is "rtol at a typical magnitude of order 1"; a gradient of a
+    mean over N rows is ~1/N, so atol is scaled down to it (never up), and a rule
+    returning zeros cannot pass under atol alone. All leaves count together:
+    rounding in a backward pass reaches each leaf from the largest values upstream.
+    """
+    sizes = [np.max(np.abs(np.asarray(a, np.float64))) for a in arrays if np.size(a)]
+    finite = [float(m) for m in sizes if np.isfinite(m)]
+    return min(1.0, max(finite)) if finite else 1.0
+
+
+def _compare(actual, expected, tol: tuple[float, float], magnitude: float | None = None):
+    """Element-wise ``|a − e| <= atol·m + rtol·|e|``: ``(max_abs, max_rel, passed, detail)``,
+    with m = ``magnitude`` (default: :func:`_magnitude` of ``expected``).
 
     Entries that are NaN in both, or the same infinity, agree; any other
     non-finite entry fails.
@@ -252,7 +266,8 @@ def _compare(actual, expected, tol: tuple[float, float]):
         return float("nan"), None, False, _worst(a, e, worst, "non-finite: ")
     a, e = np.where(finite, a, 0.0), np.where(finite, e, 0.0)
     diff = np.abs(a - e)
-    bound = atol + rtol * np.abs(e)
+    m = _magnitude([e]) if magnitude is None else magnitude
+    bound = atol * m + rtol * np.abs(e)
     passed = bool(np.all(diff <= bound))
     significant = np.abs(e) > atol
     max_rel = None
@@ -870,8 +885,10 @@ class _Run:
         dtype = self.label if dtype is None else dtype
         self._add(check, dtype, argument, (None, None, False), None, f"{what}: {_short(err)}")
 
-    def _add_compare(self, check, dtype, argument, actual, expected, tol, detail=""):
-        max_abs, max_rel, passed, why = _compare(actual, expected, tol)
+    def _add_compare(
+        self, check, dtype, argument, actual, expected, tol, detail="", magnitude=None
+    ):
+        max_abs, max_rel, passed, why = _compare(actual, expected, tol, magnitude)
         self._add(check, dtype, argument, (max_abs, max_rel, passed), tol, why or detail)
 
     # ----------------------------------------------------------------- checks
@@ -932,10 +949,11 @@ class _Run:
         ref_out = jax.tree.leaves(ref_out)
         for name, a, e in zip(self.ctx.out_names, self.out_host, ref_out, strict=True):
             self._add_compare("forward", a.dtype, name, a, np.asarray(e), tol)
+        magnitude = _magnitude(ref_cts)
         for name, a, e, p in zip(
             self.ctx.float_names, self.cts_host, ref_cts, self.float_host, strict=True
         ):
-            self._add_compare("reference", p.dtype, name, a, np.asarray(e), tol)
+            self._add_compare("reference", p.dtype, name, a, np.asarray(e), tol, "", magnitude)
 
     def _finite_differences(self):
         ctx = self.ctx
@@ -987,6 +1005,8 @@ class _Run:
             except Exception as err:
                 self._error("fd-direction", err, "fn raised under lax.map in float64")
                 return
+        # atol scaled to the rule's whole gradient (see _magnitude).
+        magnitude = _magnitude(self.cts_host)
         for name, x, g, (d, scale, elementwise, _), diff in zip(
             ctx.float_names, self.float_host, self.cts_host, plan, diffs, strict=True
         ):
@@ -995,13 +1015,14 @@ class _Run:
             a = np.tensordot(d, g64, axes=g64.ndim) if g64.size else np.zeros(k)
             e = diff[:k] / (2 * step)
             abs_d = np.abs(d).reshape(k, -1)
-            bound = atol * abs_d.sum(1) + rtol * (abs_d * np.abs(g64).reshape(-1)).sum(1)
+            bound = atol * magnitude * abs_d.sum(1)
+            bound = bound + rtol * (abs_d * np.abs(g64).reshape(-1)).sum(1)
             errs = _compare_directional(a, e, bound)
             detail = f"{k} random directions" + (f"; {note}" if note else "")
             self._add("fd-direction", x.dtype, name, errs, tol, detail)
             if elementwise:
                 fd = (diff[k:] / (2 * step * scale.reshape(-1))).reshape(g64.shape)
-                self._add_compare("fd-element", x.dtype, name, g64, fd, tol, note)
+                self._add_compare("fd-element", x.dtype, name, g64, fd, tol, note, magnitude)
 
     def _vmap(self):
         ctx, spec = self.ctx, self.spec

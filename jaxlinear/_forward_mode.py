@@ -1,9 +1,10 @@
 r"""Forward-mode twins: the same functions with hand-derived JVP rules.
 
 A ``jax.custom_vjp`` cannot be differentiated in forward mode, so
-``jax.jvp``, ``jax.jacfwd``, ``jax.linearize`` and ``jax.hessian`` fail on the
-main functions. Each twin here computes the same forward pass and carries a
-``jax.custom_jvp`` whose tangent rule is derived by hand:
+``jax.jvp``, ``jax.jacfwd`` and ``jax.linearize`` fail on the main functions
+(``jax.hessian``, forward over reverse, works on both). Each twin here
+computes the same forward pass and carries a ``jax.custom_jvp`` whose tangent
+rule is derived by hand:
 
 =======================  ===================================================
 function                 tangent rule (dots are tangents)
@@ -37,14 +38,13 @@ from ._activations import RULES
 from ._linear import LinearParams, _dims_forward, linear_forward, validate_linear_args
 from ._losses import (
     mse_forward,
-    sum_dtype,
     validate_mse_args,
     validate_xent_args,
     xent_dlogits,
     xent_forward,
 )
 from ._mlp import mlp_forward
-from ._validate import as_float_array
+from ._validate import as_float_array, sum_dtype
 
 __all__ = [
     "linear_apply",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ __all__ = ["linear_init", "INITS"]
 
 
 def _lecun_normal(key, fan_in, fan_out, dtype):
-    # Truncated normal with variance 1/fan_in (Flax's and Equinox-free default).
+    # Truncated normal with variance 1/fan_in (Flax's default for Dense kernels).
     return jax.nn.initializers.lecun_normal()(key, (fan_in, fan_out), dtype), None
 
 
@@ -51,9 +52,15 @@ INITS: dict[str, Callable] = {
 
 
 def _check_size(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
-    return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        size = operator.index(value)  # Python and NumPy integers alike
+    except TypeError:
+        raise TypeError(f"`{name}` must be a positive int; got {value!r}.") from None
+    if size < 1:
+        raise ValueError(f"`{name}` must be a positive int; got {size}.")
+    return size
 
 
 def linear_init(

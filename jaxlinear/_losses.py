@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._validate import (
-    accumulation_dtype,
     as_float_array,
     check_same_dtype,
     raise_forward_mode_hint,
+    sum_dtype,
 )
 
 __all__ = ["mse_loss", "softmax_cross_entropy"]
@@ -41,11 +41,6 @@ def _rows(name: str, a: jax.Array) -> int:
             "undefined. Skip empty batches, or use a sum."
         )
     return n
-
-
-def sum_dtype(dtype) -> np.dtype:
-    # Sum at least in float32: a float16/bfloat16 sum of many terms loses digits.
-    return accumulation_dtype(dtype, np.dtype(jnp.float32))
 
 
 def mse_forward(y, t):
@@ -64,7 +59,10 @@ def _mse_fwd(y, t):
 
 def _mse_bwd(diff, g):
     n = math.prod(diff.shape[:-1])
-    dy = diff * (g / n).astype(diff.dtype)  # (y - t)/N times the incoming scalar
+    # (y − t)/N times the incoming scalar, scaled in at least float32: in float16,
+    # N > 65504 would round 1/N's denominator to inf and the gradient to zero.
+    acc = sum_dtype(diff.dtype)
+    dy = (diff.astype(acc) * (g.astype(acc) / n)).astype(diff.dtype)
     return dy, -dy
 
 
@@ -117,28 +115,38 @@ def _log_softmax(z):
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
 
 
+def _valid_labels(labels, num_classes):
+    """Rows whose label lies in [0, num_classes); the others are made NaN."""
+    return (labels >= 0) & (labels < num_classes)
+
+
 def xent_forward(logits, labels):
-    """(loss, softmax probabilities) of the mean cross-entropy."""
+    """(loss, softmax probabilities) of the mean cross-entropy.
+
+    The probabilities stay in at least float32: rounded to bfloat16, p − 1 for a
+    confident true class would lose all its digits in the backward pass.
+    """
     z = logits.astype(sum_dtype(logits.dtype))
     logp = _log_softmax(z)
-    # An out-of-range label picks NaN, so the loss says so instead of being wrong.
-    picked = jnp.take_along_axis(logp, labels[..., None], axis=-1, mode="fill", fill_value=jnp.nan)[
-        ..., 0
-    ]
+    safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
+    picked = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    # An out-of-range label gives NaN, so the loss says so instead of being wrong.
+    nan = jnp.full((), jnp.nan, picked.dtype)
+    picked = jnp.where(_valid_labels(labels, logits.shape[-1]), picked, nan)
     n = math.prod(logits.shape[:-1])
     loss = (-jnp.sum(picked) / n).astype(logits.dtype)
-    return loss, jnp.exp(logp).astype(logits.dtype)
+    return loss, jnp.exp(logp)
 
 
 def xent_dlogits(p, labels):
-    """∂L/∂logits = (p − onehot(labels))/N; NaN rows for out-of-range labels."""
+    """∂L/∂logits = (p − onehot(labels))/N in p's dtype; NaN rows for out-of-range labels."""
     n = math.prod(p.shape[:-1])
-    classes = jax.lax.broadcasted_iota(labels.dtype, p.shape, p.ndim - 1)
-    onehot = (labels[..., None] == classes).astype(p.dtype)
-    # A row with an out-of-range label has no onehot entry; make its gradient NaN too.
-    valid = (labels >= 0) & (labels < p.shape[-1])
+    # Class indices in int32, whatever the labels' dtype (uint8 would wrap past 255).
+    classes = jax.lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1)
+    onehot = (labels.astype(jnp.int32)[..., None] == classes).astype(p.dtype)
+    valid = _valid_labels(labels, p.shape[-1])
     grad = jnp.where(valid[..., None], p - onehot, jnp.full((), jnp.nan, p.dtype))
-    return grad / jnp.asarray(n, p.dtype)
+    return grad / n
 
 
 _xent = jax.custom_vjp(lambda logits, labels: xent_forward(logits, labels)[0])
@@ -152,7 +160,9 @@ def _xent_fwd(logits, labels):
 
 def _xent_bwd(residuals, g):
     p, labels = residuals
-    return xent_dlogits(p, labels) * g.astype(p.dtype), None  # integer labels: no cotangent
+    # p is in at least float32; the cotangent g has the loss's (= the logits') dtype.
+    dlogits = (xent_dlogits(p, labels) * g.astype(p.dtype)).astype(g.dtype)
+    return dlogits, None  # integer labels: no cotangent
 
 
 _xent.defvjp(_xent_fwd, _xent_bwd)
@@ -197,12 +207,12 @@ def validate_xent_args(logits, labels):
             f"`labels` must have an integer dtype (class indices); got {labels.dtype}. "
             "Pass class indices, e.g. `labels.astype(jnp.int32)`, not one-hot floats."
         )
-    if logits.ndim == 0 or labels.shape != logits.shape[:-1]:
+    _rows("logits", logits)
+    if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"`labels` must have shape logits.shape[:-1] = {logits.shape[:-1]}; "
             f"got labels.shape={labels.shape} (logits.shape={logits.shape})."
         )
-    _rows("logits", logits)
     num_classes = logits.shape[-1]
     if not isinstance(labels, jax.core.Tracer) and labels.size:
         # Concrete labels (eager, or closed over under jit): check on the host, where

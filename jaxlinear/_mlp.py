@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._activations import relu
 from ._init import linear_init
@@ -64,10 +65,8 @@ def _check_mlp(params: Any) -> tuple[LinearParams, ...]:
     for i, p in enumerate(params):
         if not isinstance(p, LinearParams):
             raise TypeError(f"`params[{i}]` must be a LinearParams; got {type(p).__name__}.")
-        if getattr(p.W, "ndim", None) != 2:
-            raise ValueError(
-                f"`params[{i}].W` must be 2-D; got shape {getattr(p.W, 'shape', None)}."
-            )
+        if np.ndim(p.W) != 2:
+            raise ValueError(f"`params[{i}].W` must be 2-D; got shape {np.shape(p.W)}.")
     for i in range(1, len(params)):
         prev, cur = params[i - 1].out_features, params[i].in_features
         if prev != cur:

@@ -45,6 +45,7 @@ a parameter used only through them is refused as "not the W or b of any layer".
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,7 @@ import numpy as np
 from jax import lax
 
 from ._linear import TAPS, LinearParams, _linear
-from ._validate import accumulation_dtype
+from ._validate import accumulation_dtype, sum_dtype
 
 try:  # the public home since JAX 0.5; Flax reads the trace state the same way.
     from jax.extend.core import Literal as _Literal, get_opaque_trace_state as _trace_state
@@ -372,10 +373,8 @@ def _oriented(call: _Call, x: Array, g: Array) -> tuple[Array, Array]:
 
 
 def _sum_dtype(*dtypes) -> np.dtype:
-    acc = np.dtype(jnp.float32)
-    for dt in dtypes:
-        acc = accumulation_dtype(acc, dt)
-    return acc
+    """The :func:`sum_dtype` that holds every one of ``dtypes``."""
+    return functools.reduce(accumulation_dtype, dtypes, sum_dtype(np.float32))
 
 
 def _squared_norms(group: _Group, acc: np.dtype) -> Array:

@@ -4,7 +4,10 @@ Every comparison in the tests and in :func:`jaxlinear.check_vjp` takes its
 tolerances from here. Checks are element-wise, ``|a - e| <= atol + rtol * |e|``,
 on well-scaled inputs (values of order 1, weights ~ 1/sqrt(fan_in)), so ``atol``
 stands for "rtol times the typical magnitude" where cancellation makes an entry
-near zero.
+near zero. :func:`jaxlinear.check_vjp`, which cannot assume well-scaled inputs,
+multiplies atol by min(1, the largest |entry| of the gradient), so a gradient of
+size ~1/N (a mean over N rows) is judged at its own scale: a rule returning zeros
+cannot pass under atol alone.
 
 ``eps`` below is the dtype's machine epsilon (spacing of numbers near 1):
 float64 2.2e-16, float32 1.2e-7, float16 9.8e-4, bfloat16 7.8e-3.

@@ -65,10 +65,11 @@ def check_same_dtype(**arrays: jax.Array | None) -> None:
     if len(set(present.values())) > 1:
         shown = ", ".join(f"`{k}` is {v}" for k, v in present.items())
         first = next(iter(present))
+        other = next(k for k, v in present.items() if v != present[first])
         raise TypeError(
             f"{', '.join(f'`{k}`' for k in present)} must share one dtype; {shown}. "
             f"jaxlinear never promotes silently: cast explicitly, e.g. "
-            f"`x.astype({first}.dtype)`."
+            f"`{other}.astype({first}.dtype)`."
         )
 
 
@@ -88,6 +89,11 @@ def accumulation_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
     return a if bits_a > bits_b else b
 
 
+def sum_dtype(dtype) -> np.dtype:
+    """At least float32: sums and scalings of float16/bfloat16 values lose digits."""
+    return accumulation_dtype(dtype, np.dtype(jnp.float32))
+
+
 def raise_forward_mode_hint(err: TypeError, name: str) -> None:
     """Re-raise JAX's "forward-mode on a custom_vjp" error with the alternative.
 
@@ -98,8 +104,8 @@ def raise_forward_mode_hint(err: TypeError, name: str) -> None:
         return
     raise TypeError(
         f"jaxlinear.{name} differentiates in reverse mode only (its backward is a "
-        f"hand-derived custom_vjp), so jax.jvp/jacfwd/linearize/hessian cannot "
-        f"pass through it. Use the forward-mode twin `jaxlinear.fwd.{name}`, whose "
+        f"hand-derived custom_vjp), so forward mode (jax.jvp, jacfwd, linearize) "
+        f"cannot pass through it. Use the forward-mode twin `jaxlinear.fwd.{name}`, whose "
         f"hand-derived JVP rule supports forward and reverse mode alike. "
         f"(JAX said: {err})"
     ) from err

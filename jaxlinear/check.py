@@ -36,7 +36,7 @@ from ._linear import LinearParams, linear_apply
 from ._losses import mse_loss, softmax_cross_entropy
 from ._mlp import mlp_apply
 from ._tolerances import TOLERANCES
-from ._validate import accumulation_dtype
+from ._validate import sum_dtype
 
 __all__ = ["Case", "library_cases", "main"]
 
@@ -81,29 +81,25 @@ def plain_linear(params: LinearParams, x, preferred_element_type=None):
     return y
 
 
-def _at_least_f32(dtype) -> np.dtype:
-    return accumulation_dtype(dtype, np.dtype(np.float32))
-
-
 def linear_accumulate_f32(params: LinearParams, x):
     """:func:`linear_apply` with ``preferred_element_type`` float32 for bfloat16 or
     float16 operands (float32 output, float32 g in the backward), the operands'
     dtype otherwise."""
-    return linear_apply(params, x, preferred_element_type=_at_least_f32(x.dtype))
+    return linear_apply(params, x, preferred_element_type=sum_dtype(x.dtype))
 
 
 def plain_linear_accumulate_f32(params: LinearParams, x):
-    return plain_linear(params, x, preferred_element_type=_at_least_f32(x.dtype))
+    return plain_linear(params, x, preferred_element_type=sum_dtype(x.dtype))
 
 
 def plain_mse(y, t):
-    d = (y - t).astype(_at_least_f32(y.dtype))
+    d = (y - t).astype(sum_dtype(y.dtype))
     n = math.prod(y.shape[:-1])
     return (jnp.sum(d * d) / (2 * n)).astype(y.dtype)
 
 
 def plain_softmax_cross_entropy(logits, labels):
-    z = logits.astype(_at_least_f32(logits.dtype))
+    z = logits.astype(sum_dtype(logits.dtype))
     logp = jax.nn.log_softmax(z, axis=-1)
     picked = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     return (-jnp.mean(picked)).astype(logits.dtype)

@@ -1,4 +1,4 @@
-"""Forward-mode twins of jaxlinear's functions (``jax.jvp``, ``jacfwd``, ``hessian``).
+"""Forward-mode twins of jaxlinear's functions (``jax.jvp``, ``jacfwd``, ``linearize``).
 
 The main functions carry hand-derived ``custom_vjp`` backward passes, which JAX
 cannot run in forward mode. These twins compute the same values with

@@ -259,3 +259,51 @@ def test_activations_and_losses_on_every_backend(device):
         assert_close(
             jax.jit(jax.grad(jl.mse_loss))(z, t), jax.jit(jax.grad(plain_mse))(z, t), jnp.float32
         )
+
+
+def test_float16_losses_keep_their_gradient_past_65504_rows():
+    """1/N is taken in float32: in float16, N = 70000 would overflow to inf and the
+    gradient would round to zero."""
+    n = 70_000
+    y = jnp.full((n, 1), 100.0, jnp.float16)
+    dy = jax.jit(jax.grad(jl.mse_loss))(y, jnp.zeros_like(y))
+    np.testing.assert_allclose(np.asarray(dy, np.float32), 100.0 / n, rtol=2e-3)
+    logits = jnp.zeros((n, 2), jnp.float16)
+    d = jax.jit(jax.grad(jl.softmax_cross_entropy))(logits, jnp.zeros(n, jnp.int32))
+    # p = 1/2 for both classes: dL/dz = (1/2 - [c = 0])/N.
+    np.testing.assert_allclose(np.asarray(d[:, 0], np.float32), -0.5 / n, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(d[:, 1], np.float32), 0.5 / n, rtol=2e-3)
+
+
+def test_bfloat16_cross_entropy_keeps_the_true_class_gradient():
+    """The softmax residual stays float32, so p − 1 for a confident true class is not
+    rounded away (in bfloat16 it would be 0 and the row would not sum to zero)."""
+    logits = jnp.array([[8.0, 0.0]], jnp.bfloat16)
+    d = jax.grad(jl.softmax_cross_entropy)(logits, jnp.array([0]))
+    ref = jax.grad(plain_xent)(logits.astype(jnp.float32), jnp.array([0]))
+    assert d.dtype == jnp.bfloat16
+    assert_close(d, ref, jnp.bfloat16)
+    assert float(d[0, 0]) < 0
+
+
+def test_negative_and_too_large_labels_under_jit_give_nan_loss_and_gradient():
+    logits = jnp.zeros((2, 3))
+    for bad in (-1, 3):
+        labels = jnp.array([0, bad])
+        loss, d = jax.jit(jax.value_and_grad(jl.softmax_cross_entropy))(logits, labels)
+        assert np.isnan(float(loss)), bad
+        assert np.isnan(np.asarray(d[1])).all() and np.isfinite(np.asarray(d[0])).all()
+
+
+def test_narrow_integer_labels_with_many_classes():
+    """uint8 labels with 300 classes: class indices are compared in int32, so class
+    256 is not mistaken for class 0."""
+    logits = jnp.zeros((1, 300))
+    d = jax.grad(jl.softmax_cross_entropy)(logits, jnp.array([0], jnp.uint8))
+    ref = jax.grad(plain_xent)(logits, jnp.array([0]))
+    assert_close(d, ref, jnp.float32)
+
+
+def test_scalar_logits_are_refused_clearly():
+    with raises(ValueError, "`logits` must have at least one axis, (..., features); got a scalar."):
+        jl.softmax_cross_entropy(jnp.ones(()), jnp.array(0))

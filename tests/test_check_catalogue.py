@@ -246,3 +246,27 @@ def test_activation_derivative_bug_is_caught():
     assert report.failed_checks == VALUES
     # Big enough to be seen even at bfloat16's tolerance.
     assert {r.dtype for r in report.failures} == {"float32", "bfloat16"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_zero_gradient_for_a_mean_loss_is_caught_in_low_precision(dtype):
+    """A mean over N = 64 rows has gradients ~1/N, below the table's absolute atol in
+    bfloat16 and float16; atol is scaled to the gradient's magnitude, so a rule
+    returning zeros fails instead of passing under atol alone."""
+
+    @jax.custom_vjp
+    def xent(logits):
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0])
+
+    xent.defvjp(lambda z: (xent(z), z), lambda z, g: (jnp.zeros_like(z),))
+    z = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
+    report = check_vjp(
+        xent,
+        (z,),
+        reference=lambda z: jnp.mean(jax.nn.logsumexp(z, axis=-1) - z[:, 0]),
+        dtypes=[dtype],
+        devices=jax.devices("cpu")[:1],
+    )
+    assert not report.ok
+    # (640 entries is past the element-wise limit; the directional check stands in.)
+    assert {"reference", "fd-direction"} <= report.failed_checks

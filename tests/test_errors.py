@@ -82,7 +82,8 @@ def test_non_float_dtypes(which, dtype):
 def test_mixed_dtypes_are_refused_not_promoted():
     with raises(
         TypeError,
-        "`x`, `W`, `b` must share one dtype; `x` is bfloat16, `W` is float32, `b` is float32.",
+        "`x`, `W`, `b` must share one dtype; `x` is bfloat16, `W` is float32, `b` is float32. "
+        "jaxlinear never promotes silently: cast explicitly, e.g. `W.astype(x.dtype)`.",
     ):
         linear_apply(LinearParams(W, b), x.astype(jnp.bfloat16))
 
@@ -138,8 +139,12 @@ def test_init_argument_errors():
     key = jax.random.key(0)
     with raises(ValueError, "`in_features` must be a positive int; got 0."):
         linear_init(key, 0, 4)
-    with raises(ValueError, "`out_features` must be a positive int; got 2.5."):
+    with raises(TypeError, "`out_features` must be a positive int; got 2.5."):
         linear_init(key, 3, 2.5)
+    with raises(TypeError, "`in_features` must be a positive int; got True."):
+        linear_init(key, True, 2)
+    # NumPy integers (e.g. from np.array sizes) are ints too.
+    assert linear_init(key, np.int64(3), np.int32(2)).W.shape == (3, 2)
     with raises(TypeError, "`dtype` must be a real floating dtype"):
         linear_init(key, 3, 4, dtype=jnp.int32)
     with raises(

@@ -138,3 +138,10 @@ def test_mlp_errors():
         jl.mlp_apply(a, jnp.ones((1, 4)))
     with raises(TypeError, "`params[1]` must be a LinearParams; got dict."):
         jl.mlp_apply((a, {"W": 1}), jnp.ones((1, 4)))
+
+
+def test_mlp_apply_accepts_what_linear_apply_accepts():
+    """Weights given as nested lists are arrays to linear_apply, and to mlp_apply."""
+    p = jl.LinearParams([[1.0], [2.0]])
+    x = jnp.array([[1.0, 1.0]])
+    assert jl.mlp_apply((p,), x).tolist() == jl.linear_apply(p, x).tolist() == [[3.0]]
