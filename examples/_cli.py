@@ -3,6 +3,7 @@
 Public API::
 
     from _cli import positive_int, positive_float, seed         # argparse ``type=`` validators
+    from _cli import DefaultsHelpFormatter                      # --help shows real defaults
     from _cli import add_out_argument, output_path              # the --out folder
     from _cli import pyplot, save_figure                        # plots
     from _cli import optimizer_step, fit_full_batch, accuracy   # training and evaluation
@@ -28,6 +29,7 @@ from jax import lax
 import jaxlinear
 
 __all__ = [
+    "DefaultsHelpFormatter",
     "positive_int",
     "seed",
     "positive_float",
@@ -75,6 +77,19 @@ def positive_float(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a positive, finite number; got {text}")
     return value
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` that adds "(default: ...)" only for a real default.
+
+    An option whose default is ``None`` (its help says what happens when it is
+    absent) gets no "(default: None)" appended.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 # --- output ------------------------------------------------------------------------------

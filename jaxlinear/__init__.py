@@ -4,7 +4,8 @@ verified backward passes."""
 from importlib.metadata import PackageNotFoundError, version
 
 from ._activations import relu as relu, sigmoid as sigmoid, tanh as tanh
-from ._check import CheckReport as CheckReport, CheckRow as CheckRow, check_vjp as check_vjp
+from ._check import check_vjp as check_vjp
+from ._check_report import CheckReport as CheckReport
 from ._init import INITS as INITS, linear_init as linear_init
 from ._linear import (
     LinearParams as LinearParams,
@@ -17,12 +18,6 @@ from ._per_example import (
     clipped_grad as clipped_grad,
     per_example_grad_norms as per_example_grad_norms,
 )
-from ._tolerances import (
-    FD_RELATIVE_STEP as FD_RELATIVE_STEP,
-    TOLERANCES as TOLERANCES,
-    Tolerance as Tolerance,
-    tolerance_for as tolerance_for,
-)
 
 try:
     __version__ = version("jaxlinear")
@@ -31,12 +26,8 @@ except PackageNotFoundError:  # a source tree that is not installed
 
 __all__ = [
     "CheckReport",
-    "CheckRow",
-    "FD_RELATIVE_STEP",
     "INITS",
     "LinearParams",
-    "TOLERANCES",
-    "Tolerance",
     "check_vjp",
     "clipped_grad",
     "linear_apply",
@@ -50,5 +41,4 @@ __all__ = [
     "sigmoid",
     "softmax_cross_entropy",
     "tanh",
-    "tolerance_for",
 ]

@@ -1,6 +1,7 @@
 r"""Element-wise activations with hand-derived backward passes.
 
-Each is a ``jax.custom_vjp`` that saves its *output* as the only residual: every
+Each is one :class:`Activation` primitive (a ``VJPHiPrimitive``) that saves its
+*output* as the only residual: every
 derivative here is a function of the output, and in an MLP that output is also
 the next linear layer's input, which that layer saves anyway, so the residual
 costs no extra memory.
@@ -16,6 +17,9 @@ tanh       t = tanh z                   ∂L/∂z = g · (1 − t²)
 The sigmoid derivative: s = (1 + e^{-z})^{-1}, so
 ds/dz = e^{-z} (1 + e^{-z})^{-2} = s · e^{-z}/(1 + e^{-z}) = s (1 − s).
 The tanh derivative: d tanh z/dz = sech² z = 1 − tanh² z.
+
+The Jacobian is diagonal, so one function, v ↦ v · f'(z) computed from the output,
+is both rules: the VJP applies it to a cotangent g, the JVP to a tangent ż.
 """
 
 from __future__ import annotations
@@ -23,39 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._validate import as_float_array, raise_forward_mode_hint
+from ._hijax import Rule, is_zero, staged_primitive
+from ._validate import as_float_array
 
-__all__ = ["relu", "sigmoid", "tanh"]
-
-
-def _elementwise(name: str, forward, backward, doc: str):
-    """Build a public activation from its forward and its backward in terms of the output."""
-
-    @jax.custom_vjp
-    def act(z):
-        return forward(z)
-
-    def fwd(z):
-        out = forward(z)
-        return out, out
-
-    def bwd(out, g):
-        return (backward(out, g),)
-
-    act.defvjp(fwd, bwd)
-
-    def public(z: jax.Array) -> jax.Array:
-        z = as_float_array("z", z)
-        try:
-            return act(z)
-        except TypeError as err:
-            raise_forward_mode_hint(err, name)
-            raise
-
-    public.__name__ = public.__qualname__ = name
-    public.__doc__ = doc
-    public.__module__ = "jaxlinear"
-    return public
+__all__ = ["Activation", "relu", "sigmoid", "tanh"]
 
 
 def _relu_forward(z):
@@ -84,17 +59,91 @@ def _tanh_backward(t, g):
 
 
 #: name -> (forward(z), derivative_times(output, g)): the one place each rule lives.
-#: The Jacobian is diagonal, so the same product g · f'(z) serves as the VJP
-#: (g a cotangent) and as the JVP (g a tangent).
+#: The Jacobian is diagonal, so the same product v · f'(z) serves as the VJP
+#: (v a cotangent) and as the JVP (v a tangent).
 RULES = {
     "relu": (_relu_forward, _relu_backward),
     "sigmoid": (_sigmoid_forward, _sigmoid_backward),
     "tanh": (jnp.tanh, _tanh_backward),
 }
 
+
+class Activation(Rule):
+    """An element-wise activation with its rules: forward f(z), and v ↦ v · f'(z)
+    from the output as both the VJP (v = g) and the JVP (v = ż).
+
+    Any shape; the output has z's shape, dtype and sharding.
+    """
+
+    _staged = {name: staged_primitive(f"jaxlinear.{name}") for name in ("relu", "sigmoid", "tanh")}
+
+    @property
+    def staged(self):
+        return self._staged[self.name]
+
+    def __init__(self, z_aval, *, name: str):
+        self.in_avals = (z_aval,)
+        self.out_aval = z_aval
+        self.params = dict(name=name, aval=z_aval)
+        super().__init__()
+
+    @classmethod
+    def bind(cls, z, *, name: str):
+        return cls(jax.typeof(z), name=name)(z)
+
+    def _times_derivative(self, out, v):
+        return RULES[self.name][1](out, v)
+
+    def expand(self, z):
+        return RULES[self.name][0](z)
+
+    # Reverse mode: save the output, then ∂L/∂z = g · f'(z).
+    def vjp_fwd(self, nzs, z):
+        out = self(z)
+        return out, out
+
+    def vjp_bwd_retval(self, out, g):
+        return (None if is_zero(g) else self._times_derivative(out, g),)
+
+    # Forward mode: ż · f'(z), from the output as in the VJP.
+    def jvp(self, primals, tangents):
+        (z,), (dz,) = primals, tangents
+        out = self(z)
+        return out, self._times_derivative(out, dz)
+
+    def lin(self, nzs, z):
+        out = self(z)
+        return out, out
+
+    def linearized(self, out, dz):
+        return self._times_derivative(out, dz)
+
+    # Element-wise: a batched z is just a bigger z.
+    def batch(self, axis_data, args, dims):
+        (z,), (d,) = args, dims
+        return (self(z) if d is None else Activation.bind(z, name=self.name)), d
+
+
+_activation_eager = jax.jit(lambda z, name: Activation.bind(z, name=name), static_argnums=1)
+
+
+def _elementwise(name: str, doc: str):
+    """The public function: validate z, then bind the :class:`Activation` primitive."""
+
+    def public(z: jax.Array) -> jax.Array:
+        z = as_float_array("z", z)
+        if isinstance(z, jax.core.Tracer):
+            return Activation.bind(z, name=name)
+        return _activation_eager(z, name)  # eager: a cached compiled call
+
+    public.__name__ = public.__qualname__ = name
+    public.__doc__ = doc
+    public.__module__ = "jaxlinear"
+    return public
+
+
 relu = _elementwise(
     "relu",
-    *RULES["relu"],
     """Rectified linear unit, r = max(z, 0), element-wise; any shape, float dtype.
 
     Backward: ∂L/∂z = g · [r > 0], from the saved output r.
@@ -107,7 +156,6 @@ relu = _elementwise(
 
 sigmoid = _elementwise(
     "sigmoid",
-    *RULES["sigmoid"],
     """Logistic sigmoid, s = 1/(1 + e^{-z}), element-wise; stable for large |z|.
 
     Backward: ∂L/∂z = g · s(1 − s), from the saved output s.
@@ -120,7 +168,6 @@ sigmoid = _elementwise(
 
 tanh = _elementwise(
     "tanh",
-    *RULES["tanh"],
     """Hyperbolic tangent, t = tanh z, element-wise.
 
     Backward: ∂L/∂z = g · (1 − t²), from the saved output t.

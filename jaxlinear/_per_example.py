@@ -29,17 +29,17 @@ explicit per-example xᵢᵀgᵢ, with ``(B, p, q)`` temporaries (then T > √(p
 p·q < T·(p + q)/2: smaller than the layer's own input and output gradient).
 
 How the layers are found: :func:`per_example_grad_norms` traces ``loss_fn``
-with a *tap* pushed on ``jaxlinear._linear.TAPS``, which every
-:func:`linear_apply` call consults at trace time (it is empty otherwise, so the
-hook costs nothing outside these functions and nothing at run time). A first,
+with a *tap* made active by ``jaxlinear._taps.tapping`` (a ``ContextVar``, so
+scoped to this thread and this call), which every :func:`linear_apply` call
+consults at trace time (no tap is active otherwise, so the hook costs nothing
+outside these functions and nothing at run time). A first,
 abstract trace (``jax.make_jaxpr``) finds each call whose ``W`` or ``b`` *is*
 (by identity) a leaf of ``params``, and checks that every float leaf of
 ``params`` reaches the loss only through such calls; a second trace under
 ``jax.vjp`` adds the probes and records each call's input x. A call made under
 another transformation inside ``loss_fn`` (``vmap``, ``scan``, ``checkpoint``, a
 nested ``jit``) is seen at a different JAX trace state and, if it uses a
-parameter, refused. The forward-mode twins (``jaxlinear.fwd``) have no hook, so
-a parameter used only through them is refused as "not the W or b of any layer".
+parameter, refused.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._linear import TAPS, LinearParams, _linear
+from . import _taps
+from ._linear import LinearParams, _linear
 from ._validate import accumulation_dtype, sum_dtype
 
 try:  # the public home since JAX 0.5; Flax reads the trace state the same way.
@@ -108,7 +109,7 @@ class _Plan:
 
 
 class _Tap:
-    """The interceptor pushed on ``TAPS`` while one trace of ``loss_fn`` runs.
+    """The interceptor active (``_taps.tapping``) while one trace of ``loss_fn`` runs.
 
     ``mode="discover"``: record every call (abstract trace; a parameter weight is
     replaced by zeros so that the jaxpr shows any *other* use of that leaf).
@@ -130,21 +131,21 @@ class _Tap:
 
     def __enter__(self):
         self.state = _trace_state()
-        TAPS.append(self)
+        self._scope = _taps.tapping(self)
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc):
-        TAPS.remove(self)
-        return False
+        return self._scope.__exit__(*exc)
 
     def __call__(self, params, x, W, b, precision, preferred_element_type):
         """The hook :func:`linear_apply` calls (on the innermost tap) after validation."""
         state = _trace_state()
-        for tap in reversed(TAPS):
+        for tap in reversed(_taps.active()):
             if tap.state == state:
                 return tap._layer(params, x, W, b, precision, preferred_element_type)
         # A call under a transformation inside loss_fn: fine unless it uses a parameter.
-        for tap in TAPS:
+        for tap in _taps.active():
             tap._refuse_if_parameter(params)
         return _linear(params.layout, precision, preferred_element_type, b is not None, x, W, b)
 
@@ -302,8 +303,8 @@ def _plan(loss_fn: Callable, params: Any, batch: Any) -> _Plan:
                 f"`params{path}` (shape {np.shape(leaves[i])}) is not the `W` or `b` of any "
                 "jaxlinear.linear_apply call in `loss_fn`, so its per-example gradient "
                 "cannot be computed without materialising it. Per-example norms cover "
-                "exactly the weights and biases of jaxlinear layers (linear_apply, mlp_apply; "
-                "not the forward-mode twins in jaxlinear.fwd) passed unchanged from "
+                "exactly the weights and biases of jaxlinear layers (linear_apply, mlp_apply) "
+                "passed unchanged from "
                 "`params`; keep other values out of `params` (close "
                 "over them, or pass them in `batch`), or fold them into a LinearParams. "
                 f"(If it is a layer's weight: {_TRANSFORM_HINT})"

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._hijax import canonicalize_precision
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 LAYOUTS = ("in_out", "out_in")
 
@@ -94,18 +96,35 @@ def sum_dtype(dtype) -> np.dtype:
     return accumulation_dtype(dtype, np.dtype(jnp.float32))
 
 
-def raise_forward_mode_hint(err: TypeError, name: str) -> None:
-    """Re-raise JAX's "forward-mode on a custom_vjp" error with the alternative.
+def check_precision(precision: Any) -> Any:
+    """Return ``precision`` (lists as tuples, so it can be static), or raise if
+    ``lax.dot_general`` would not accept it."""
+    if precision is None:
+        return None
+    if isinstance(precision, list):
+        precision = tuple(precision)
+    try:
+        canonicalize_precision(precision)
+        hash(precision)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            "`precision` must be None, one of 'default', 'high', 'highest' (or "
+            "'bfloat16', 'tensorfloat32', 'float32'), a lax.Precision, a pair of those, "
+            f"or a lax.DotAlgorithmPreset; got {precision!r}."
+        ) from err
+    return precision
 
-    Called from an ``except TypeError`` around a custom-VJP call; returns (so the
-    caller re-raises the original) for any other ``TypeError``.
-    """
-    if "forward-mode" not in str(err) or "custom_vjp" not in str(err):
-        return
-    raise TypeError(
-        f"jaxlinear.{name} differentiates in reverse mode only (its backward is a "
-        f"hand-derived custom_vjp), so forward mode (jax.jvp, jacfwd, linearize) "
-        f"cannot pass through it. Use the forward-mode twin `jaxlinear.fwd.{name}`, whose "
-        f"hand-derived JVP rule supports forward and reverse mode alike. "
-        f"(JAX said: {err})"
-    ) from err
+
+def check_preferred_element_type(preferred_element_type: Any, operand_dtype) -> np.dtype | None:
+    """Return ``preferred_element_type`` as a dtype that holds every operand value
+    exactly (the operands' dtype or a wider float), or raise."""
+    if preferred_element_type is None:
+        return None
+    dt = check_float_dtype("preferred_element_type", preferred_element_type)
+    if accumulation_dtype(dt, operand_dtype) != dt:
+        holds = [d for d in FLOAT_DTYPES if accumulation_dtype(np.dtype(d), operand_dtype) == d]
+        raise ValueError(
+            f"`preferred_element_type` must be a dtype that holds every {operand_dtype} "
+            f"operand value exactly ({', '.join(holds)}); got {dt}."
+        )
+    return dt

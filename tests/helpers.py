@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlinear import tolerance_for
+from jaxlinear.check import tolerance_for
 
 DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
 DTYPE_IDS = ["f32", "f64", "bf16", "f16"]

@@ -12,7 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxlinear as jl
-from jaxlinear import FD_RELATIVE_STEP, tolerance_for
+from jaxlinear.check import FD_RELATIVE_STEP, tolerance_for
 from tests.helpers import (
     DTYPE_IDS,
     DTYPES,

@@ -34,7 +34,7 @@ def test_json_is_one_document_on_stdout_and_progress_goes_to_stderr(capsys):
     assert data["summary"].startswith("jaxlinear.check: PASS: 1 rules, ")
     # Progress (not a terminal here: one line per rule) only on stderr.
     assert err.splitlines() == [line for line in err.splitlines() if line.startswith("[")]
-    assert "[2/2] sigmoid z(4, 5): PASS" in err
+    assert "[1/1] sigmoid z(4, 5): PASS" in err
 
 
 def test_text_output_is_tables_then_one_summary_line(capsys):
@@ -43,8 +43,9 @@ def test_text_output_is_tables_then_one_summary_line(capsys):
     assert rc == 0 and err == ""
     lines = out.rstrip("\n").splitlines()
     assert lines[0].startswith("## tanh z(4, 5): PASS, ")
-    assert lines[1].split()[:3] == ["check", "device", "dtype"]
-    assert {line.split()[1] for line in lines[2:-2]} == {"cpu:0", "cpu:1"}
+    assert lines[1].split()[:4] == ["check", "variant", "device", "dtype"]
+    assert {line.split()[2] for line in lines[2:-2]} == {"cpu:0", "cpu:1"}
+    assert {line.split()[1] for line in lines[2:-2]} >= {"args", "z[:1]", "-args", "4*args"}
     summary = lines[-1]
     assert summary.startswith("jaxlinear.check: PASS: 1 rules, ")
     assert "0 failed, on cpu:0, cpu:1 in float64 (" in summary
@@ -69,8 +70,9 @@ def test_a_failure_exits_nonzero(monkeypatch, capsys):
     assert "## sin with a doubled backward: FAIL" in out
     assert out.rstrip().splitlines()[-1].startswith("jaxlinear.check: FAIL: 1 rules, ")
     assert "[1/1] sin with a doubled backward: FAIL" in err
-    failing = [line.split()[0] for line in out.splitlines() if " FAIL " in line]
-    assert set(failing) == {"reference", "fd-element", "fd-direction"}
+    failing = [line.split()[:2] for line in out.splitlines() if " FAIL " in line]
+    assert {check for check, _ in failing} == {"reference", "fd-element", "fd-direction", "vmap"}
+    assert {variant for _, variant in failing} >= {"args", "z[:1]", "-args", "4*args"}
 
 
 def test_a_rule_restricted_to_some_dtypes_is_skipped_with_its_reason(capsys):
@@ -92,9 +94,8 @@ def test_progress_on_a_terminal_rewrites_one_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["--rule", "relu z", "--device", "cpu:0", "--dtype", "f32,f64"]) == 0
     shown = terminal.getvalue()
-    assert "\r[1/2] relu z(4, 5) | float32 | cpu:0" in shown
-    assert "\r[2/2] relu z(4, 5) | float64 | cpu:0" in shown
-    assert shown.endswith("[2/2] relu z(4, 5): PASS (" + shown.rsplit("(", 1)[1])
+    assert "\r[1/1] relu z(4, 5) | float32, float64 | cpu:0" in shown
+    assert shown.endswith("[1/1] relu z(4, 5): PASS (" + shown.rsplit("(", 1)[1])
     assert "\r" not in capsys.readouterr().out
 
 

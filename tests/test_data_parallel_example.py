@@ -1,5 +1,6 @@
-"""Smoke test of ``examples/data_parallel.py``: run it on 8 simulated CPU
-devices in a child process and check what it prints."""
+"""Smoke test of ``examples/data_parallel.py`` in one process: run it on 8
+simulated CPU devices in a child process and check what it prints. The
+``--processes`` mode is tested in ``tests/test_multiprocess.py``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxlinear
+import jaxlinear.check
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SCRIPT = EXAMPLES / "data_parallel.py"
@@ -50,7 +52,7 @@ def example_output(tmp_path_factory) -> tuple[str, pathlib.Path]:
 def test_loss_curves_agree_and_decrease(example_output):
     text, out = example_output
     assert number(r"^devices: (\d+)$", text) == 8
-    rtol, atol = jaxlinear.tolerance_for(jnp.float32).autodiff
+    rtol, atol = jaxlinear.check.tolerance_for(jnp.float32).autodiff
     assert f"float32 tolerance (rtol={rtol:g}, atol={atol:g}): True" in text
     # Losses are printed with 4 decimals: equal up to the last printed digit.
     first = number(r"^single-device first loss: (\S+)$", text)
@@ -82,8 +84,11 @@ def test_help_and_argument_errors(example, capsys):
         example.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--epochs", "--seed", "--out", "--devices", "--batch-size"):
+    for option in ("--epochs", "--seed", "--out", "--devices", "--batch-size", "--processes"):
         assert option in help_text
+    assert "--devices-per-process D" in help_text
+    assert "(default: None)" not in help_text  # issue 13: no "(default: ...) (default: None)"
+    assert "--worker" not in help_text  # the launcher's own option stays hidden
 
     n = len(jax.devices())
     with pytest.raises(SystemExit) as exit_info:

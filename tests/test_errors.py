@@ -124,15 +124,31 @@ def test_preferred_element_type_checks():
         linear_apply(LinearParams(W, b), x, preferred_element_type=jnp.int32)
     with raises(
         ValueError,
-        "`preferred_element_type` (=bfloat16) must be at least as wide as "
-        "the operands' dtype (float32).",
+        "`preferred_element_type` must be a dtype that holds every float32 operand "
+        "value exactly (float32, float64); got bfloat16.",
     ):
         linear_apply(LinearParams(W, b), x, preferred_element_type=jnp.bfloat16)
+    # Same width is not enough: float16 cannot hold bfloat16's range, nor bfloat16
+    # float16's digits.
+    p16 = LinearParams(W.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    with raises(
+        ValueError, "holds every bfloat16 operand value exactly (bfloat16, float32, float64)"
+    ):
+        linear_apply(p16, x.astype(jnp.bfloat16), preferred_element_type=jnp.float16)
+    h16 = LinearParams(W.astype(jnp.float16), b.astype(jnp.float16))
+    with raises(ValueError, "holds every float16 operand value exactly (float16, float32"):
+        linear_apply(h16, x.astype(jnp.float16), preferred_element_type=jnp.bfloat16)
 
 
-def test_unhashable_precision():
-    with raises(TypeError, "`precision` must be None, a string such as 'highest'"):
-        linear_apply(LinearParams(W, b), x, precision=["highest"])
+@pytest.mark.parametrize("precision", ["bogus", ["highest"], ("high", "nope"), 3.5])
+def test_bad_precision(precision):
+    with raises(ValueError, "`precision` must be None, one of 'default', 'high', 'highest'"):
+        linear_apply(LinearParams(W, b), x, precision=precision)
+    with raises(
+        ValueError,
+        "got " + repr(precision if not isinstance(precision, list) else tuple(precision)),
+    ):
+        jax.jit(lambda p, x: linear_apply(p, x, precision=precision))(LinearParams(W, b), x)
 
 
 def test_init_argument_errors():

@@ -1,4 +1,4 @@
-"""Forward mode: jaxlinear.fwd's hand-derived JVP rules against autodiff and differences."""
+"""Forward mode: the hand-derived JVP rules of the main functions against autodiff and differences."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxlinear as jl
-import jaxlinear.fwd as jlf
-from jaxlinear import FD_RELATIVE_STEP, LinearParams, tolerance_for
+from jaxlinear import LinearParams
+from jaxlinear.check import FD_RELATIVE_STEP, tolerance_for
 from tests.helpers import (
     assert_close,
     assert_tree_close,
@@ -39,22 +39,22 @@ def scaled_like(tree, key):
 def test_linear_jvp_matches_autodiff(layout, bias, batch):
     params, x = well_scaled_linear(jax.random.key(0), 5, 3, batch, F32, layout=layout, bias=bias)
     tangents = scaled_like((params, x), jax.random.key(1))
-    got = jax.jit(lambda p, t: jax.jvp(jlf.linear_apply, p, t))((params, x), tangents)
+    got = jax.jit(lambda p, t: jax.jvp(jl.linear_apply, p, t))((params, x), tangents)
     want = jax.jvp(plain_linear, (params, x), tangents)
     assert_tree_close(got, want, F32)
     # Tangent along W only: ẏ = x Ẇ.
     dW = tangents[0].W
     only_w = jax.jvp(
-        lambda W: jlf.linear_apply(LinearParams(W, params.b, layout), x), (params.W,), (dW,)
+        lambda W: jl.linear_apply(LinearParams(W, params.b, layout), x), (params.W,), (dW,)
     )[1]
     assert_close(only_w, plain_linear(LinearParams(dW, None, layout), x), F32)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_twin_reverse_mode_equals_the_hand_derived_backward(layout):
+def test_reverse_mode_equals_the_hand_derived_backward(layout):
     params, x = well_scaled_linear(jax.random.key(2), 4, 6, (5,), F32, layout=layout, bias=True)
     g = normal(jax.random.key(3), (5, 6), F32)
-    _, vjp = jax.vjp(jlf.linear_apply, params, x)
+    _, vjp = jax.vjp(jl.linear_apply, params, x)
     dp, dx = vjp(g)
     dx2, dW2, db2 = jl.linear_backward(g, x, params.W, layout=layout)
     assert_tree_close((dx, dp.W, dp.b), (dx2, dW2, db2), F32)
@@ -66,7 +66,7 @@ def test_linear_jacfwd_linearize_and_finite_differences(layout):
         params, x = well_scaled_linear(jax.random.key(4), 3, 2, (4,), F64, layout=layout, bias=True)
 
         def f(W, x, b):
-            return jnp.tanh(jlf.linear_apply(LinearParams(W, b, layout), x))
+            return jnp.tanh(jl.linear_apply(LinearParams(W, b, layout), x))
 
         def ref(W, x, b):
             return jnp.tanh(plain_linear(LinearParams(W, b, layout), x))
@@ -86,9 +86,9 @@ def test_linear_jacfwd_linearize_and_finite_differences(layout):
 
 
 ACT_TWINS = {
-    "relu": (jlf.relu, jax.nn.relu),
-    "sigmoid": (jlf.sigmoid, jax.nn.sigmoid),
-    "tanh": (jlf.tanh, jnp.tanh),
+    "relu": (jl.relu, jax.nn.relu),
+    "sigmoid": (jl.sigmoid, jax.nn.sigmoid),
+    "tanh": (jl.tanh, jnp.tanh),
 }
 
 
@@ -123,10 +123,10 @@ def test_loss_twins():
             return 0.5 * jnp.sum((y - t) ** 2) / y.shape[0]
 
         assert_tree_close(
-            jax.jvp(jlf.mse_loss, (y, t), (dy, dt)), jax.jvp(plain_mse, (y, t), (dy, dt)), F64
+            jax.jvp(jl.mse_loss, (y, t), (dy, dt)), jax.jvp(plain_mse, (y, t), (dy, dt)), F64
         )
         assert_tree_close(
-            jax.jvp(lambda y: jlf.mse_loss(y, t), (y,), (dy,)),
+            jax.jvp(lambda y: jl.mse_loss(y, t), (y,), (dy,)),
             jax.jvp(lambda y: plain_mse(y, t), (y,), (dy,)),
             F64,
         )
@@ -137,25 +137,22 @@ def test_loss_twins():
             return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
 
         assert_tree_close(
-            jax.jvp(lambda z: jlf.softmax_cross_entropy(z, labels), (y,), (dy,)),
+            jax.jvp(lambda z: jl.softmax_cross_entropy(z, labels), (y,), (dy,)),
             jax.jvp(plain_xent, (y,), (dy,)),
             F64,
         )
-        assert_close(jlf.softmax_cross_entropy(y, labels), jl.softmax_cross_entropy(y, labels), F64)
+        assert_close(jl.softmax_cross_entropy(y, labels), jl.softmax_cross_entropy(y, labels), F64)
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_hessian_of_a_small_mlp_three_ways(act):
-    """jax.hessian(twin loss) == jacrev(jacrev(main loss)) == autodiff Hessian."""
+    """jax.hessian (forward over reverse) == jacrev(jacrev) == jacfwd(jacfwd) == autodiff."""
     with jax.enable_x64(True):
         params = jl.mlp_init(jax.random.key(12), (3, 4, 2), dtype=F64)
         x = normal(jax.random.key(13), (6, 3), F64)
         labels = jnp.array([0, 1, 1, 0, 1, 0])
-        twin_act, main_act = getattr(jlf, act), getattr(jl, act)
+        main_act = getattr(jl, act)
         ref_act = jax.nn.relu if act == "relu" else jnp.tanh
-
-        def twin(p):
-            return jlf.softmax_cross_entropy(jlf.mlp_apply(p, x, activation=twin_act), labels)
 
         def main(p):
             return jl.softmax_cross_entropy(jl.mlp_apply(p, x, activation=main_act), labels)
@@ -164,14 +161,10 @@ def test_hessian_of_a_small_mlp_three_ways(act):
             logp = jax.nn.log_softmax(plain_mlp(p, x, ref_act))
             return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
 
-        h_twin = jax.jit(jax.hessian(twin))(params)
-        h_main = jax.jit(jax.jacrev(jax.jacrev(main)))(params)
         h_ref = jax.jit(jax.hessian(ref))(params)
-        assert_tree_close(h_twin, h_ref, F64)
-        assert_tree_close(h_main, h_ref, F64)
-        # Forward-over-reverse differentiates the hand-derived backward itself, so
-        # jax.hessian also works on the main (custom_vjp) functions.
         assert_tree_close(jax.jit(jax.hessian(main))(params), h_ref, F64)
+        assert_tree_close(jax.jit(jax.jacrev(jax.jacrev(main)))(params), h_ref, F64)
+        assert_tree_close(jax.jit(jax.jacfwd(jax.jacfwd(main)))(params), h_ref, F64)
 
 
 def test_symbolic_zero_tangents_skip_products():
@@ -181,36 +174,7 @@ def test_symbolic_zero_tangents_skip_products():
     )
 
     def f(W, dW):
-        return jax.jvp(lambda W: jlf.linear_apply(LinearParams(W, params.b), x), (W,), (dW,))
+        return jax.jvp(lambda W: jl.linear_apply(LinearParams(W, params.b), x), (W,), (dW,))
 
     hlo = jax.jit(f).lower(params.W, params.W).compile().as_text()
     assert len(re.findall(r"= \S+ dot\(", hlo)) == 2
-
-
-@pytest.mark.parametrize(
-    "call,name",
-    [
-        (
-            lambda: jax.jvp(
-                lambda x: jl.linear_apply(jl.linear_init(jax.random.key(0), 2, 2), x),
-                (jnp.ones(2),),
-                (jnp.ones(2),),
-            ),
-            "linear_apply",
-        ),
-        (lambda: jax.jacfwd(jl.relu)(jnp.ones(2)), "relu"),
-        (lambda: jax.jacfwd(lambda y: jl.mse_loss(y, jnp.zeros(2)))(jnp.ones(2)), "mse_loss"),
-        (
-            lambda: jax.jvp(
-                lambda z: jl.softmax_cross_entropy(z, jnp.array(0)), (jnp.ones(2),), (jnp.ones(2),)
-            ),
-            "softmax_cross_entropy",
-        ),
-    ],
-    ids=["linear", "relu", "mse", "xent"],
-)
-def test_forward_mode_on_the_main_functions_names_the_twin(call, name):
-    with pytest.raises(
-        TypeError, match=re.escape(f"Use the forward-mode twin `jaxlinear.fwd.{name}`")
-    ):
-        call()

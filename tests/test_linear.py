@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
-from jaxlinear import FD_RELATIVE_STEP, LinearParams, linear_apply, linear_backward, tolerance_for
+from jaxlinear import LinearParams, linear_apply, linear_backward
+from jaxlinear.check import FD_RELATIVE_STEP, tolerance_for
 from tests.helpers import (
     DTYPE_IDS,
     DTYPES,

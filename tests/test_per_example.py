@@ -21,13 +21,13 @@ import pytest
 import jaxlinear
 from jaxlinear import (
     LinearParams,
+    _taps,
     clipped_grad,
     linear_apply,
     mlp_apply,
     mlp_init,
     per_example_grad_norms,
 )
-from jaxlinear._linear import TAPS
 from tests.helpers import assert_close, assert_tree_close, dtype_context, normal, plain_linear
 
 F32, F64 = jnp.float32, jnp.float64
@@ -382,7 +382,7 @@ def test_a_scale_vector_is_refused_by_path():
         per_example_grad_norms(loss_fn, params, BATCH)
     with raises(ValueError, text):
         jax.jit(lambda p, b: clipped_grad(loss_fn, p, b, 1.0))(params, BATCH)
-    assert TAPS == [], "a tap leaked past an error"
+    assert _taps.active() == (), "a tap leaked past an error"
 
 
 def test_an_integer_leaf_is_refused():
@@ -419,7 +419,7 @@ def test_layers_under_vmap_inside_the_loss_are_refused():
 
     with raises(ValueError, "`linear_apply` was called with `params[0].W` as its `W` under a JAX"):
         per_example_grad_norms(loss_fn, PARAMS, BATCH)
-    assert TAPS == []
+    assert _taps.active() == ()
 
 
 @pytest.mark.parametrize("wrap", [jax.jit, jax.checkpoint], ids=["jit", "checkpoint"])
@@ -432,17 +432,43 @@ def test_layers_under_a_nested_transformation_are_refused(wrap):
         per_example_grad_norms(loss_fn, PARAMS, BATCH)
 
 
-def test_forward_mode_twins_are_not_tapped_and_are_refused():
-    import jaxlinear.fwd as jlf
-
+def test_a_weight_used_by_a_plain_matmul_is_refused():
     def loss_fn(params, batch):
         x, t = batch
-        return sq_loss(jlf.mlp_apply(params, x), t)
+        h = jnp.tanh(x @ params[0].W + params[0].b[None])  # not a jaxlinear layer
+        return sq_loss(linear_apply(params[1], h), t)
 
-    with raises(
-        ValueError, "(linear_apply, mlp_apply; not the forward-mode twins in jaxlinear.fwd)"
-    ):
+    with raises(ValueError, "(linear_apply, mlp_apply) passed unchanged from `params`"):
         per_example_grad_norms(loss_fn, PARAMS, BATCH)
+
+
+def test_taps_are_scoped_to_the_tracing_thread():
+    """A tap is active only in the thread (context) that traces loss_fn: another
+    thread's linear_apply meanwhile binds the plain layer and sees no tap."""
+    import threading
+
+    seen = {}
+    started, release = threading.Event(), threading.Event()
+
+    def loss_fn(params, batch):
+        started.set()
+        release.wait(timeout=30)
+        x, t = batch
+        return sq_loss(mlp_apply(params, x), t)
+
+    def other():
+        started.wait(timeout=30)
+        seen["taps"] = _taps.active()
+        seen["y"] = jax.jit(linear_apply)(PARAMS[0], BATCH[0])
+        release.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    norms = per_example_grad_norms(loss_fn, PARAMS, BATCH)
+    worker.join()
+    assert seen["taps"] == ()
+    assert_close(seen["y"], BATCH[0] @ PARAMS[0].W + PARAMS[0].b[None], F32)
+    assert_close(norms, reference(mlp_loss(), PARAMS, BATCH, CLIP)[0], F32)
 
 
 def test_a_layer_that_does_not_see_the_examples_is_refused():
@@ -500,7 +526,7 @@ def test_linear_apply_is_untouched_outside_the_taps():
     x = BATCH[0]
     before = linear_apply(PARAMS[0], x)
     per_example_grad_norms(mlp_loss(), PARAMS, BATCH)
-    assert TAPS == []
+    assert _taps.active() == ()
     np.testing.assert_array_equal(linear_apply(PARAMS[0], x), before)
 
 

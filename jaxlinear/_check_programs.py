@@ -1,0 +1,153 @@
+r"""The compiled programs of :func:`jaxlinear.check_vjp`.
+
+* :func:`vjp_jit`: ``(fn(*args), vjp(u))`` of a rule or a reference;
+* :func:`vmapped_jit`: the same under ``jax.vmap``;
+* :func:`differences_jit`: float64 central differences of
+  φ(x) = ⟨u, fn(x)⟩ along a stack of perturbations p of one leaf,
+  ``φ(x + p) − φ(x − p)``, one p at a time (``lax.map``); with ``batched``,
+  over a stack of examples, each evaluated alone (``lax.map`` again), so the
+  truth never depends on fn's own batching.
+
+Programs are cached by JAX's jit on a :class:`Spec` (static) and the avals: the
+float64 programs are shared by every dtype a rule is checked in.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import operator
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+class Spec:
+    """Static description of ``fn`` applied to a flattened ``args``: the jit cache key.
+
+    Two specs are equal when they hold the same ``fn`` object, argument structure
+    and ``fingerprint`` -- a digest of what ``fn`` computes (see
+    :func:`fingerprint`) -- so repeated checks of one function reuse compiled
+    code, but a rule changed in place (``defvjp`` again on the same
+    ``custom_vjp``) is compiled afresh. ``traces`` counts the traces of
+    :func:`vjp_jit` made with this object.
+    """
+
+    def __init__(self, fn, treedef, float_idx, other_idx, digest: str = ""):
+        self.fn, self.treedef = fn, treedef
+        self.float_idx, self.other_idx = tuple(float_idx), tuple(other_idx)
+        self.digest = digest
+        self.traces = 0
+
+    def with_digest(self, digest: str) -> Spec:
+        return Spec(self.fn, self.treedef, self.float_idx, self.other_idx, digest)
+
+    def _key(self):
+        return (id(self.fn), self.treedef, self.float_idx, self.other_idx, self.digest)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, Spec) and self.fn is other.fn and self._key() == other._key()
+
+    def assemble(self, float_leaves, other_leaves):
+        leaves = [None] * (len(self.float_idx) + len(self.other_idx))
+        for i, a in zip(self.float_idx, float_leaves, strict=True):
+            leaves[i] = a
+        for i, a in zip(self.other_idx, other_leaves, strict=True):
+            leaves[i] = a
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def split(self, args):
+        leaves = self.treedef.flatten_up_to(args)
+        return [leaves[i] for i in self.float_idx], [leaves[i] for i in self.other_idx]
+
+    def call(self, float_leaves, other_leaves):
+        return self.fn(*self.assemble(float_leaves, other_leaves))
+
+
+def fingerprint(f: Callable, *args) -> str:
+    """A digest of what ``f`` computes on ``args``' shapes: its jaxpr's text and its
+    constants' bytes, traced through a fresh wrapper so that no trace cache of
+    JAX's (keyed on function identity) hands back an out-of-date jaxpr."""
+    closed = jax.make_jaxpr(lambda *a: f(*a))(*args)
+    digest = hashlib.sha256(str(closed.jaxpr).encode())
+    for c in closed.consts:
+        a = np.asarray(c)
+        digest.update(f"{a.shape}{a.dtype}".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def vjp(spec: Spec, float_leaves, other_leaves, cotangent):
+    """``(fn(*args), vjp(cotangent))`` w.r.t. the float leaves; other leaves held fixed."""
+    out, pullback = jax.vjp(lambda fl: spec.call(fl, other_leaves), list(float_leaves))
+    (cts,) = pullback(cotangent)
+    return out, cts
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def vjp_jit(spec: Spec, float_leaves, other_leaves, cotangent):
+    """:func:`vjp` compiled; ``spec.traces`` counts its traces."""
+    spec.traces += 1  # runs at trace time only
+    return vjp(spec, float_leaves, other_leaves, cotangent)
+
+
+def vmapped(spec: Spec, in_axes, batched_args, cotangents):
+    """``jax.vmap`` of :func:`vjp` over ``in_axes`` of the args and axis 0 of the
+    cotangents; every cotangent comes out per example (axis 0)."""
+
+    def per_example(args, u):
+        fl, ol = spec.split(args)
+        return vjp(spec, fl, ol, u)
+
+    return jax.vmap(per_example, in_axes=(in_axes, 0))(batched_args, cotangents)
+
+
+vmapped_jit = jax.jit(vmapped, static_argnums=(0, 1))
+
+
+def _inner(out, cotangent):
+    """⟨u, out⟩ and Σ|u|·|out| over every output leaf, in u's dtype."""
+    pairs = list(zip(jax.tree.leaves(out), jax.tree.leaves(cotangent), strict=True))
+    dot = functools.reduce(operator.add, [jnp.sum(o.astype(u.dtype) * u) for o, u in pairs])
+    size = functools.reduce(
+        operator.add, [jnp.sum(jnp.abs(o.astype(u.dtype)) * jnp.abs(u)) for o, u in pairs]
+    )
+    return dot, size
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def differences_jit(spec: Spec, batched: bool, float_leaves, other_leaves, cotangent, stacks):
+    """``(Σ|u|·|fn(x)|, [φ(x + p) − φ(x − p) for p in stacks[j]] for each leaf j)``.
+
+    Unbatched: φ is a scalar, returned with shape (1,). Batched: every leaf and
+    the cotangent carry a leading axis of examples, φ is one value per example
+    (shape (B,)), and each perturbation p moves every example at once.
+    """
+
+    def phi(fl):
+        if not batched:
+            dot, size = _inner(spec.call(fl, other_leaves), cotangent)
+            return dot[None], size[None]
+
+        def one(example):
+            ex_fl, ex_ol, ex_u = example
+            return _inner(spec.call(ex_fl, ex_ol), ex_u)
+
+        return lax.map(one, (list(fl), list(other_leaves), cotangent))
+
+    def differences(pos, stack):
+        def difference(p):
+            plus, minus = list(float_leaves), list(float_leaves)
+            plus[pos], minus[pos] = float_leaves[pos] + p, float_leaves[pos] - p
+            return phi(plus)[0] - phi(minus)[0]
+
+        return lax.map(difference, stack)
+
+    size = phi(list(float_leaves))[1]
+    return size, [differences(pos, stack) for pos, stack in enumerate(stacks)]
