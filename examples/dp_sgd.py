@@ -206,7 +206,7 @@ def per_example_losses(params, batch):
     """Masked per-example cross-entropy, ``(N,)``: unsampled images contribute 0."""
     x, labels, mask = batch
     logits = jaxlinear.mlp_apply(params, x)
-    losses = jax.vmap(jaxlinear.softmax_cross_entropy)(logits[:, None], labels[:, None])
+    losses = jaxlinear.softmax_cross_entropy(logits, labels, reduction="none")
     return mask * losses
 
 

@@ -1,5 +1,23 @@
-"""jaxlinear: a linear layer, activations, losses and MLPs with hand-derived,
-verified backward passes."""
+"""jaxlinear: a linear layer y = x W + b, activations, losses and MLPs whose
+derivatives are derived by hand.
+
+Each function is one JAX primitive carrying hand-written VJP, JVP, transpose and
+batching rules, so it works under ``grad``, ``jvp``, ``jacfwd``, ``hessian``,
+``vmap``, ``jit``, ``scan``, ``checkpoint`` and sharding.
+
+Start with README.md at the root of the repository: the quickstart, a
+five-minute tour, the API table, the examples, and links to the guides in docs/:
+derivation.md (the VJP and the JVP, and which rule JAX runs in each mode),
+training.md, recipes.md (Flax NNX, Equinox, Orbax), per-example.md (per-example
+gradient norms and DP-SGD), verification.md (``check_vjp``), scaling-out.md and
+performance.md.
+
+Public API: ``LinearParams``, ``linear_init``, ``linear_apply``,
+``linear_backward``; ``relu``, ``sigmoid``, ``tanh``; ``mse_loss``,
+``softmax_cross_entropy``; ``mlp_init``, ``mlp_apply``; ``per_example_grad_norms``,
+``clipped_grad``; ``check_vjp``, ``CheckReport``. The tolerance table and the
+command line ``python -m jaxlinear.check`` live in :mod:`jaxlinear.check`.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ._hijax import Rule, is_zero, staged_primitive
-from ._validate import as_float_array
+from ._validate import as_float_array, sum_dtype
 
 __all__ = ["Activation", "relu", "sigmoid", "tanh"]
 
@@ -50,12 +50,27 @@ def _sigmoid_forward(z):
     return jnp.where(z >= 0, one, e) / (one + e)
 
 
+def _in_float32(rule):
+    """Evaluate ``rule(out, g)`` in at least float32 and round once to g's dtype: in
+    bfloat16/float16 each intermediate rounding would cost an ulp."""
+
+    def at_least_f32(out, g):
+        acc = sum_dtype(g.dtype)
+        return rule(out.astype(acc), g.astype(acc)).astype(g.dtype)
+
+    return at_least_f32
+
+
+@_in_float32
 def _sigmoid_backward(s, g):
-    return g * (s * (jnp.ones((), s.dtype) - s))
+    return g * (s * (1 - s))
 
 
+@_in_float32
 def _tanh_backward(t, g):
-    return g * (jnp.ones((), t.dtype) - t * t)
+    # (1 + t)(1 − t), not 1 − t²: near saturation t² rounds to 1 and 1 − t² loses
+    # every digit, while 1 − t is exact (Sterbenz); JAX's own tanh rule does the same.
+    return g * ((1 + t) * (1 - t))
 
 
 #: name -> (forward(z), derivative_times(output, g)): the one place each rule lives.

@@ -66,6 +66,11 @@ def margin(run: Run) -> float:
     return run.tol.margin_units * run.unit
 
 
+def against_autodiff(run: Run, autodiff_error: float) -> float:
+    """The largest error allowed a rule: autodiff's own, its scatter, and the margin."""
+    return (1.0 + run.tol.autodiff_scatter) * autodiff_error + margin(run)
+
+
 def fd_bound(run: Run) -> float:
     return run.tol.fd_units * run.unit
 
@@ -90,13 +95,15 @@ def reference_rows(run: Run) -> list[CheckRow]:
     floor = run.eps * largest(out64)
     for name, a, y, t in zip(ctx.out_names, run.rule_out, ad_out, out64, strict=True):
         m = against_truth(a, y, t, floor)
-        rows.append(measured_row(run, "forward", name, a.dtype, m, m.autodiff_error + margin(run)))
+        rows.append(
+            measured_row(run, "forward", name, a.dtype, m, against_autodiff(run, m.autodiff_error))
+        )
     floor = run.eps * largest(g64)
     for name, p, a, y, t in zip(
         ctx.float_names, run.float_host, run.rule_cts, ad_cts, g64, strict=True
     ):
         m = against_truth(a, y, t, floor)
-        bound = m.autodiff_error + margin(run)
+        bound = against_autodiff(run, m.autodiff_error)
         rows.append(measured_row(run, "reference", name, p.dtype, m, bound))
     return rows
 

@@ -23,7 +23,7 @@ from ._check_differences import differences
 from ._check_explore import _is_float
 from ._check_measure import against_differences, against_truth, largest, per_example
 from ._check_report import CheckRow
-from ._check_rows import error_row, fd_bound, margin, measured_row, sigmas
+from ._check_rows import against_autodiff, error_row, fd_bound, measured_row, sigmas
 from ._check_run import Run, scoped
 
 #: Relative size of the perturbations between the copies of the default vmap batch.
@@ -86,7 +86,7 @@ def _with_reference(run: Run, in_axes, batched, U, rule, detail) -> list[CheckRo
         for name, a, y, t in zip(names, got, ad, truth, strict=True):
             b, m = per_example(functools.partial(_against, floor=floor), a, y, t)
             m = dataclasses.replace(m, detail=f"{m.detail} (example {b})")
-            bound = m.autodiff_error + margin(run)
+            bound = against_autodiff(run, m.autodiff_error)
             rows.append(measured_row(run, "vmap", name, a.dtype, m, bound, detail))
     return rows
 

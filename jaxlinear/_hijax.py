@@ -17,7 +17,13 @@ SUPPORTED_JAX = ">=0.10.2,<0.10.3"
 
 try:
     from jax._src import core as _core, dispatch as _dispatch, hijax as _hijax
-    from jax._src.interpreters import ad as _ad, batching as _batching, mlir as _mlir
+    from jax._src.ad_checkpoint import DotsSaveable, primal_left_tangent_right
+    from jax._src.interpreters import (
+        ad as _ad,
+        batching as _batching,
+        mlir as _mlir,
+        remat as _remat,
+    )
     from jax._src.interpreters.ad import GradAccum, NullAccum
     from jax._src.lax.lax import canonicalize_precision
     from jax._src.tree_util import tree_leaves_checked, tree_unflatten
@@ -38,6 +44,8 @@ __all__ = [
     "agree_varying_axes",
     "canonicalize_precision",
     "is_zero",
+    "primal_left_tangent_right",
+    "saves_products",
     "wants_cotangent",
 ]
 
@@ -113,6 +121,7 @@ def staged_primitive(name: str) -> _core.Primitive:
     _ad.primitive_linearizations[prim] = _linearize_flat
     _ad.fancy_transposes[prim] = _transpose_flat
     _batching.fancy_primitive_batchers[prim] = _batch_flat
+    _remat.rules[prim] = _remat_flat
     return prim
 
 
@@ -138,3 +147,13 @@ def _transpose_flat(cts, *args, rule):
 
 def _batch_flat(axis_data, args, dims, *, rule):
     return _hijax._call_hi_primitive_batcher(axis_data, args, dims, _prim=rule)
+
+
+def _remat_flat(policy, *args, rule):
+    return _hijax._call_hi_primitive_remat(policy, *args, _prim=rule)
+
+
+def saves_products(policy, *dot_args, **dot_params) -> bool:
+    """Whether a ``jax.checkpoint`` policy, asked as JAX's ``jax_remat3`` asks of a
+    ``dot_general``, saves a product rather than recomputing it."""
+    return isinstance(policy, DotsSaveable) and bool(policy(*dot_args, **dot_params))

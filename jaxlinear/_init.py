@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ._linear import LinearParams
-from ._validate import check_float_dtype, check_layout
+from ._validate import check_bool, check_float_dtype, check_key, check_layout, check_positive_int
 
 __all__ = ["linear_init", "INITS"]
 
@@ -51,18 +50,6 @@ INITS: dict[str, Callable] = {
 }
 
 
-def _check_size(name: str, value: Any) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        size = operator.index(value)  # Python and NumPy integers alike
-    except TypeError:
-        raise TypeError(f"`{name}` must be a positive int; got {value!r}.") from None
-    if size < 1:
-        raise ValueError(f"`{name}` must be a positive int; got {size}.")
-    return size
-
-
 def linear_init(
     key: jax.Array,
     in_features: int,
@@ -76,8 +63,9 @@ def linear_init(
     """Initialise a linear layer.
 
     Args:
-        key: a JAX PRNG key.
-        in_features, out_features: the layer's sizes (positive ints).
+        key: one JAX PRNG key, ``jax.random.key(seed)`` (or a raw uint32[2]
+            ``jax.random.PRNGKey(seed)``); may be traced.
+        in_features, out_features: the layer's sizes (static positive ints).
         bias: include a bias ``b`` of shape ``(out_features,)``.
         layout: ``"in_out"`` (W is ``(in, out)``) or ``"out_in"`` (PyTorch's).
         dtype: a floating dtype for W and b.
@@ -94,9 +82,11 @@ def linear_init(
     Returns:
         :class:`LinearParams`.
     """
+    key = check_key(key)
     layout = check_layout(layout)
-    in_features = _check_size("in_features", in_features)
-    out_features = _check_size("out_features", out_features)
+    in_features = check_positive_int("in_features", in_features)
+    out_features = check_positive_int("out_features", out_features)
+    bias = check_bool("bias", bias)
     dtype = check_float_dtype("dtype", dtype)
     if isinstance(init, str):
         if init not in INITS:

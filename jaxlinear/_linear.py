@@ -45,11 +45,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from . import _taps
-from ._hijax import Rule, Zero, agree_varying_axes, is_zero, staged_primitive, wants_cotangent
+from ._hijax import (
+    Rule,
+    Zero,
+    agree_varying_axes,
+    is_zero,
+    primal_left_tangent_right,
+    saves_products,
+    staged_primitive,
+    wants_cotangent,
+)
 from ._validate import (
     accumulation_dtype,
     as_float_array,
@@ -354,6 +362,30 @@ class Linear(Rule):
         for accum, grad in zip(accums, grads, strict=True):
             if grad is not None:
                 accum.accum(grad)
+
+    # -- jax.checkpoint under jax_remat3: a policy that saves products saves x W -------------
+    def remat(self, policy, x, W, b):
+        dims = _dims_forward(x.ndim, self.layout, self.k)
+        if not saves_products(
+            policy,
+            lax.dot_general_p,
+            jax.typeof(x),
+            jax.typeof(W),
+            dimension_numbers=dims,
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+            out_sharding=None,
+        ):
+            return self(x, W, b), self  # recompute the whole layer
+        product = self._again(x, W, None)
+
+        def with_bias(z, b):
+            return z if b is None else lax.add(z, _broadcast_bias(b, z.shape, z.dtype, self.k))
+
+        def recompute(x, W, b):  # the saved product, with the tangent of a fresh one
+            return with_bias(primal_left_tangent_right(product, self._again(x, W, None)), b)
+
+        return with_bias(product, b), recompute
 
     # -- batching: x gains a row axis, W an ensemble axis, b is added ----------------------
     def batch(self, axis_data, args, dims):

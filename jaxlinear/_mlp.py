@@ -18,6 +18,7 @@ import numpy as np
 from ._activations import relu
 from ._init import linear_init
 from ._linear import LinearParams, linear_apply
+from ._validate import check_bool, check_callable, check_key, check_sizes, describe
 
 __all__ = ["mlp_init", "mlp_apply"]
 
@@ -33,6 +34,9 @@ def mlp_init(
 ) -> tuple[LinearParams, ...]:
     """Initialise an MLP with layer sizes ``sizes = (in, hidden..., out)``.
 
+    ``key`` is one PRNG key (``jax.random.key(seed)`` or a raw uint32[2] key);
+    ``sizes`` a sequence of at least two static positive ints.
+
     Returns a tuple of ``len(sizes) - 1`` :class:`LinearParams`, a plain pytree
     that Optax updates directly. ``bias``, ``layout``, ``dtype`` and ``init`` are
     as in :func:`linear_init` and apply to every layer; each layer gets its own
@@ -43,12 +47,9 @@ def mlp_init(
     >>> [p.W.shape for p in params]
     [(64, 32), (32, 10)]
     """
-    sizes = tuple(sizes)
-    if len(sizes) < 2:
-        raise ValueError(
-            f"`sizes` must list at least an input and an output size, e.g. (4, 8, 1); "
-            f"got {sizes!r}."
-        )
+    key = check_key(key)
+    sizes = check_sizes(sizes)
+    bias = check_bool("bias", bias)
     keys = jax.random.split(key, len(sizes) - 1)
     return tuple(
         linear_init(k, i, o, bias=bias, layout=layout, dtype=dtype, init=init)
@@ -90,9 +91,10 @@ def mlp_apply(
     Args:
         params: a tuple of :class:`LinearParams` (from :func:`mlp_init`).
         x: ``(*batch, in_features)``.
-        activation: the hidden activation, default :func:`jaxlinear.relu`.
-        final_activation: applied to the last layer's output, or ``None``
-            (logits, as :func:`softmax_cross_entropy` expects).
+        activation: the hidden activation, an element-wise callable (its output
+            has its input's shape and dtype), default :func:`jaxlinear.relu`.
+        final_activation: a callable applied to the last layer's output, or
+            ``None`` (logits, as :func:`softmax_cross_entropy` expects).
         precision: passed to every :func:`linear_apply`.
 
     Returns:
@@ -102,10 +104,24 @@ def mlp_apply(
 
 
 def mlp_forward(params, x, activation, final_activation, precision, linear):
-    """The layer loop shared by :func:`mlp_apply` and its forward-mode twin."""
+    """The layer loop of :func:`mlp_apply`, with ``linear`` applying one layer."""
     params = _check_mlp(params)
+    activation = check_callable("activation", activation)
+    final_activation = check_callable("final_activation", final_activation, optional=True)
     h = x
     for p in params[:-1]:
-        h = activation(linear(p, h, precision=precision))
+        z = linear(p, h, precision=precision)
+        h = activation(z)
+        _check_elementwise(z, h)
     y = linear(params[-1], h, precision=precision)
     return y if final_activation is None else final_activation(y)
+
+
+def _check_elementwise(z, h) -> None:
+    """The hidden activation must keep its input's shape and dtype (trace time)."""
+    if getattr(h, "shape", None) != z.shape or getattr(h, "dtype", None) != z.dtype:
+        raise ValueError(
+            "`activation` must return an array of its input's shape and dtype (it is "
+            f"applied element-wise between layers, as jaxlinear.relu); got {describe(h)} "
+            f"for an input {z.dtype}{list(z.shape)}."
+        )

@@ -57,7 +57,7 @@ from jax import lax
 
 from . import _taps
 from ._linear import LinearParams, _linear
-from ._validate import accumulation_dtype, sum_dtype
+from ._validate import accumulation_dtype, check_l2_clip, describe, sum_dtype
 
 try:  # the public home since JAX 0.5; Flax reads the trace state the same way.
     from jax.extend.core import Literal as _Literal, get_opaque_trace_state as _trace_state
@@ -282,17 +282,10 @@ def _plan(loss_fn: Callable, params: Any, batch: Any) -> _Plan:
         with _Tap("discover", leaf_values, paths, B) as tap:
             losses = loss_fn(jax.tree.unflatten(treedef, leaf_values), batch)
         calls.extend(tap.calls)
+        _check_losses(losses, B)
         return losses
 
     closed = jax.make_jaxpr(traced)(leaves, batch)
-    out = closed.out_avals
-    if len(out) != 1 or out[0].shape != (B,) or not jnp.issubdtype(out[0].dtype, jnp.floating):
-        got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out)
-        raise ValueError(
-            f"`loss_fn(params, batch)` must return one float array of per-example losses "
-            f"of shape (B,) = ({B},), B being the leading axis of `batch`; got {got}. "
-            "Return the losses before taking their mean."
-        )
     consumed = set()
     for call in calls:
         consumed.update(i for i in (call.w_leaf, call.b_leaf) if i is not None)
@@ -326,6 +319,31 @@ def _plan(loss_fn: Callable, params: Any, batch: Any) -> _Plan:
         treedef=treedef,
         batch_size=B,
     )
+
+
+def _check_losses(losses: Any, B: int) -> None:
+    """``loss_fn``'s output must be one float array of shape (B,) (trace time)."""
+    expected = (
+        f"one float array of per-example losses of shape (B,) = ({B},), B being the "
+        "leading axis of `batch`"
+    )
+    if not isinstance(losses, (jax.Array, np.ndarray)):
+        kind = type(losses).__name__
+        if isinstance(losses, dict):
+            kind = f"a dict with keys {sorted(map(str, losses))}"
+        elif isinstance(losses, (tuple, list)):
+            kind = f"a {type(losses).__name__} of {len(losses)}: return aux values elsewhere"
+        raise TypeError(f"`loss_fn(params, batch)` must return one array: {expected}; got {kind}.")
+    if not jnp.issubdtype(losses.dtype, jnp.floating):
+        raise TypeError(
+            f"`loss_fn(params, batch)` must return a float array: {expected}; got "
+            f"{describe(losses)}."
+        )
+    if losses.shape != (B,):
+        raise ValueError(
+            f"`loss_fn(params, batch)` must return {expected}; got "
+            f"{losses.dtype}{list(losses.shape)}. Return the losses before taking their mean."
+        )
 
 
 def _probe(loss_fn, params, batch, plan: _Plan):
@@ -468,22 +486,17 @@ def per_example_grad_norms(loss_fn: Callable[[Any, Any], Array], params: Any, ba
 
 
 def _clip_scale(norms: Array, l2_clip) -> Array:
-    """sᵢ = min(1, C/‖gᵢ‖), and 1 where ‖gᵢ‖ ≤ C (a zero gradient included)."""
+    """sᵢ = min(1, C/‖gᵢ‖), and 1 where ‖gᵢ‖ ≤ C (a zero gradient included).
+
+    A C that is not positive and finite (possible only when traced: concrete values
+    are refused) gives sᵢ = NaN, so every clipped gradient is NaN, never silently
+    wrong (a negative C would otherwise reverse the gradients).
+    """
     C = jnp.asarray(l2_clip, norms.dtype)
     over = norms > C
-    return jnp.where(over, C / jnp.where(over, norms, jnp.ones((), norms.dtype)), 1)
-
-
-def _check_clip(l2_clip) -> None:
-    if isinstance(l2_clip, bool) or np.ndim(l2_clip) != 0:
-        raise ValueError(f"`l2_clip` must be a positive scalar; got {l2_clip!r}.")
-    if isinstance(l2_clip, jax.core.Tracer):
-        return  # checked when concrete only
-    value = float(l2_clip)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(
-            f"`l2_clip` must be a positive, finite scalar (the clipping norm C); got {value}."
-        )
+    scale = jnp.where(over, C / jnp.where(over, norms, jnp.ones((), norms.dtype)), 1)
+    valid = (C > 0) & jnp.isfinite(C)
+    return jnp.where(valid, scale, jnp.full((), jnp.nan, norms.dtype))
 
 
 def clipped_grad(
@@ -500,8 +513,11 @@ def clipped_grad(
     Args:
         loss_fn, params, batch: as in :func:`per_example_grad_norms` (same
             requirements, same refusals).
-        l2_clip: the clipping norm C, a positive scalar (checked when concrete;
-            may be traced).
+        l2_clip: the clipping norm C, a positive finite real scalar (a Python
+            number or a real 0-d array), checked when concrete. It may be traced
+            under ``jit``; then a non-positive or non-finite C makes every
+            clipped gradient NaN (the norms stay finite) rather than silently
+            wrong.
 
     Returns:
         ``(grads, norms)``: ``grads`` has the pytree structure, shapes and dtypes
@@ -523,7 +539,7 @@ def clipped_grad(
         >>> bool(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))) <= 0.1 + 1e-6)
         True
     """
-    _check_clip(l2_clip)
+    check_l2_clip(l2_clip)
     plan = _plan(loss_fn, params, batch)
     tapped, xs, gs = _probe(loss_fn, params, batch, plan)
     acc = _acc_dtype(plan, tapped)

@@ -86,11 +86,13 @@ def test_report_rows_table_and_json():
             "fd-element",
             "fd-direction",
         }
-    # Bounds: autodiff's error plus the margin; fd_units of roundoff (K = 30 elements).
+    # Bounds: autodiff's error, its scatter and the margin; fd_units of roundoff
+    # (K = 30 elements).
     f32 = tolerance_for(np.float32)
     unit = unit_roundoff(np.float32, 30)
+    scatter = 1 + f32.autodiff_scatter
     for r in report.select("reference", variant="args") + report.select("vmap"):
-        assert r.bound == pytest.approx(r.autodiff_error + f32.margin_units * unit)
+        assert r.bound == pytest.approx(scatter * r.autodiff_error + f32.margin_units * unit)
         assert 0 <= r.error <= r.bound
     for r in report.select("fd-direction", variant="args"):
         assert r.autodiff_error is not None  # the reference is the yardstick here too
@@ -175,9 +177,10 @@ def test_rows_per_device_and_dtype():
     assert report.ok
     seen = {(r.device, r.dtype) for r in report.rows}
     assert seen == {(d, t) for d in ("cpu:0", "cpu:1") for t in ("float32", "bfloat16")}
-    margin = tolerance_for(jnp.bfloat16).margin_units * unit_roundoff(jnp.bfloat16, 30)
+    bf16 = tolerance_for(jnp.bfloat16)
+    margin = bf16.margin_units * unit_roundoff(jnp.bfloat16, 30)
     for r in report.select("reference", dtype="bfloat16"):
-        assert r.bound == pytest.approx(r.autodiff_error + margin)
+        assert r.bound == pytest.approx((1 + bf16.autodiff_scatter) * r.autodiff_error + margin)
     assert {r.check for r in report.rows} == {"forward", "reference", "dtype"}
 
 
@@ -257,9 +260,10 @@ def test_mixed_dtypes_use_the_least_precise_tolerance():
     w = np.ones(3, jnp.bfloat16)
     report = check_vjp(f, (x, w), reference=f, devices=CPU0, checks=["reference", "dtype"])
     assert report.ok
-    margin = tolerance_for(jnp.bfloat16).margin_units * unit_roundoff(jnp.bfloat16, 3)
+    bf16 = tolerance_for(jnp.bfloat16)
+    margin = bf16.margin_units * unit_roundoff(jnp.bfloat16, 3)
     for r in report.select("reference", variant="args"):
-        assert r.bound == pytest.approx(r.autodiff_error + margin)
+        assert r.bound == pytest.approx((1 + bf16.autodiff_scatter) * r.autodiff_error + margin)
     assert {r.argument: r.dtype for r in report.select("dtype")} == {
         "x": "float32",
         "w": "bfloat16",
@@ -281,8 +285,8 @@ def test_tolerance_override_is_used():
     )
     assert report.ok
     unit = unit_roundoff(np.float32, 30)
-    for r in report.select("reference"):
-        assert r.bound == pytest.approx(r.autodiff_error + 1e3 * unit)
+    for r in report.select("reference"):  # autodiff_scatter keeps its default, 1
+        assert r.bound == pytest.approx(2 * r.autodiff_error + 1e3 * unit)
     for r in report.select("fd-direction"):
         assert r.bound == pytest.approx(r.autodiff_error + 2e3 * unit)
 

@@ -1,4 +1,4 @@
-"""Forward mode: the hand-derived JVP rules of the main functions against autodiff and differences."""
+"""Forward mode: the main functions' hand-derived JVP rules against autodiff and differences."""
 
 from __future__ import annotations
 

@@ -39,8 +39,10 @@ def raises(exc, text):
 
 
 def sq_loss(y, t):
-    """0.5 ‖yᵢ − tᵢ‖² per example, summed over every axis but the first."""
-    return 0.5 * jnp.sum((y - t) ** 2, axis=tuple(range(1, y.ndim)))
+    """0.5 ‖yᵢ − tᵢ‖² per example: jaxlinear.mse_loss per row (reduction="none"),
+    summed over every row axis of an example but the first (a sequence's steps)."""
+    per_row = jaxlinear.mse_loss(y, t, reduction="none")
+    return jnp.sum(per_row, axis=tuple(range(1, per_row.ndim)))
 
 
 def mlp_loss(activation=jaxlinear.relu):
@@ -163,17 +165,23 @@ def test_empty_batch_gives_no_norms_and_zero_gradients(dtype):
 
 
 def test_per_example_cross_entropy_from_the_library():
-    """softmax_cross_entropy vmapped over rows (only the loss, not the layers)."""
+    """Per-example losses from softmax_cross_entropy(..., reduction="none"), and the
+    same losses from the mean-reduced rule vmapped over single rows."""
     params = mlp_init(jax.random.key(8), (6, 16, 4), init="he_normal")
     x = normal(jax.random.key(9), (7, 6), F32)
     labels = jax.random.randint(jax.random.key(10), (7,), 0, 4)
 
     def loss_fn(params, batch):
         x, labels = batch
+        return jaxlinear.softmax_cross_entropy(mlp_apply(params, x), labels, reduction="none")
+
+    def vmapped(params, batch):
+        x, labels = batch
         logits = mlp_apply(params, x)
         return jax.vmap(jaxlinear.softmax_cross_entropy)(logits[:, None], labels[:, None])
 
     check_against_reference(loss_fn, params, (x, labels), F32, l2_clip=0.5)
+    assert_close(loss_fn(params, (x, labels)), vmapped(params, (x, labels)), F32)
 
 
 def test_matches_materialised_gradients_of_the_plain_formula():

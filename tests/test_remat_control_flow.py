@@ -141,6 +141,10 @@ def test_without_checkpoint_each_layer_saves_x_and_w_only(capsys):
     assert activations > 2, f"plain autodiff saved {plain}; expected more than jaxlinear"
 
 
+# Where a saved product x W comes from: the layer's forward-mode primal (a dot_general)
+# under the default remat, the layer's own remat rule (Linear.remat) under jax_remat3.
+PRODUCT = "jaxlinear.linear" if jax.config.jax_remat3 else "dot_general"
+
 # (policy, name tags, expected residuals of the checkpointed block besides OUTER,
 #  forward dot_generals recomputed in the backward pass).
 REMAT_CASES = {
@@ -158,8 +162,7 @@ REMAT_CASES = {
     "checkpoint_dots": (
         POLICIES.checkpoint_dots,
         None,
-        args("W0", "b0", "W1", "b1", "W2", "x")
-        + Counter({(H0, "dot_general"): 1, (H1, "dot_general"): 1}),
+        args("W0", "b0", "W1", "b1", "W2", "x") + Counter({(H0, PRODUCT): 1, (H1, PRODUCT): 1}),
         0,
     ),
     # Naming the linear outputs (pre-activations): they are saved, each tanh is
