@@ -17,11 +17,12 @@ SUPPORTED_JAX = ">=0.10.2,<0.10.3"
 
 try:
     from jax._src import core as _core, dispatch as _dispatch, hijax as _hijax
-    from jax._src.ad_checkpoint import DotsSaveable, primal_left_tangent_right
+    from jax._src.ad_checkpoint import primal_left_tangent_right
     from jax._src.interpreters import (
         ad as _ad,
         batching as _batching,
         mlir as _mlir,
+        partial_eval as _pe,
         remat as _remat,
     )
     from jax._src.interpreters.ad import GradAccum, NullAccum
@@ -45,7 +46,7 @@ __all__ = [
     "canonicalize_precision",
     "is_zero",
     "primal_left_tangent_right",
-    "saves_products",
+    "saves_output",
     "wants_cotangent",
 ]
 
@@ -98,6 +99,14 @@ class Rule(VJPHiPrimitive):
     """
 
     staged: _core.Primitive
+
+    def remat(self, policy, *args):
+        """``jax.checkpoint`` under ``jax_remat3``: save the output if the policy
+        saves this primitive's (e.g. ``everything_saveable``), else recompute it."""
+        out = self(*args)
+        if not saves_output(policy, self.staged, *self.in_avals_flat, rule=self):
+            return out, self
+        return out, lambda *a: jax.tree.map(primal_left_tangent_right, out, self(*a))
 
     def __call__(self, *args):
         if isinstance(_core.trace_ctx.trace, _TRANSFORM_TRACES):
@@ -153,7 +162,9 @@ def _remat_flat(policy, *args, rule):
     return _hijax._call_hi_primitive_remat(policy, *args, _prim=rule)
 
 
-def saves_products(policy, *dot_args, **dot_params) -> bool:
-    """Whether a ``jax.checkpoint`` policy, asked as JAX's ``jax_remat3`` asks of a
-    ``dot_general``, saves a product rather than recomputing it."""
-    return isinstance(policy, DotsSaveable) and bool(policy(*dot_args, **dot_params))
+def saves_output(policy, prim, *avals, **params) -> bool:
+    """Whether a ``jax.checkpoint`` policy, asked about ``prim`` as ``jax_remat3``
+    asks, saves its output (offloading counts as recomputing here)."""
+    if policy is None:
+        return False
+    return isinstance(_pe.ensure_enum(policy(prim, *avals, **params)), _pe.SaveableType)

@@ -54,7 +54,7 @@ from ._hijax import (
     agree_varying_axes,
     is_zero,
     primal_left_tangent_right,
-    saves_products,
+    saves_output,
     staged_primitive,
     wants_cotangent,
 )
@@ -200,7 +200,7 @@ def _backward(g, x, W, *, layout, precision, k=0, need=(True, True, True), x_ava
             _dims_dx(g.ndim, layout, k),
             precision=precision,
             preferred_element_type=acc,
-            out_sharding=x_aval.sharding,
+            out_sharding=_cotangent_sharding(x_aval),
         ).astype(x_aval.dtype)
     if need[1]:
         lhs, rhs = (x, g) if layout == "in_out" else (g, x)
@@ -210,12 +210,23 @@ def _backward(g, x, W, *, layout, precision, k=0, need=(True, True, True), x_ava
             _dims_dw(g.ndim, k),
             precision=precision,
             preferred_element_type=acc,
-            out_sharding=W_aval.sharding,
+            out_sharding=_cotangent_sharding(W_aval),
         ).astype(W_aval.dtype)
     if need[2]:
         # Summed in float32 at least: jnp.sum(g, dtype=bfloat16) would add in bfloat16.
         db = jnp.sum(g.astype(acc), axis=tuple(range(k, g.ndim - 1))).astype(W_aval.dtype)
     return dx, dW, db
+
+
+def _cotangent_sharding(aval):
+    """A cotangent takes its primal's sharding (as JAX's own dot_general transpose
+    does). A primal not placed on the current mesh (an uncommitted array) is
+    replicated on it; with no mesh this is None, a no-op."""
+    if not aval.sharding.mesh.empty:
+        return aval.sharding
+    if jax.sharding.get_abstract_mesh().empty:
+        return None
+    return jax.sharding.PartitionSpec(*(None,) * len(aval.shape))
 
 
 # --------------------------------------------------------------------- the primitive
@@ -365,8 +376,10 @@ class Linear(Rule):
 
     # -- jax.checkpoint under jax_remat3: a policy that saves products saves x W -------------
     def remat(self, policy, x, W, b):
+        if saves_output(policy, self.staged, *self.in_avals_flat, rule=self):
+            return super().remat(policy, x, W, b)  # the whole layer's output
         dims = _dims_forward(x.ndim, self.layout, self.k)
-        if not saves_products(
+        if not saves_output(
             policy,
             lax.dot_general_p,
             jax.typeof(x),

@@ -175,3 +175,46 @@ def test_init_argument_errors():
         "= (3, 4); got shape (4, 3).",
     ):
         linear_init(key, 3, 4, init=lambda k, s, d: jnp.zeros(s[::-1], d))
+
+
+def test_new_argument_messages_in_full():
+    """The messages issue 11 asked for, pinned word for word (the catalogue in
+    tests/test_bad_calls.py checks fragments of many more)."""
+    import jaxlinear as jl
+
+    key = jax.random.key(0)
+    expected_key = (
+        "`key` must be a JAX PRNG key, jax.random.key(seed) (or a raw uint32[2] key from "
+        "jax.random.PRNGKey(seed)); got "
+    )
+    with raises(TypeError, expected_key + "None."):
+        linear_init(None, 3, 2)
+    with raises(
+        TypeError,
+        expected_key + "the int 0. An integer seed is not a key: pass jax.random.key(seed).",
+    ):
+        jl.mlp_init(0, (3, 2))
+    with raises(
+        TypeError,
+        "`sizes` must be a sequence of positive ints (input, hidden..., output), e.g. "
+        "(4, 8, 1); got the int 4.",
+    ):
+        jl.mlp_init(key, 4)
+    with raises(
+        TypeError,
+        "`activation` must be a callable, an element-wise function of a jax.Array such as "
+        "jaxlinear.relu (or jaxlinear.tanh, jax.nn.gelu); got the str 'relu'.",
+    ):
+        jl.mlp_apply(jl.mlp_init(key, (3, 2)), x, activation="relu")
+    with raises(
+        TypeError,
+        "`l2_clip` must be a real number, the clipping norm C > 0 (a Python float or a real "
+        "scalar array); got the str '0.5'.",
+    ):
+        jl.clipped_grad(lambda p, b: jl.linear_apply(p, b).sum(-1), LinearParams(W, b), x, "0.5")
+    with raises(
+        TypeError,
+        "`labels` must be an integer array of class indices, shape logits.shape[:-1]; "
+        "got NoneType.",
+    ):
+        jl.softmax_cross_entropy(x, None)

@@ -373,3 +373,67 @@ def test_explicit_sharding_model_parallel_weight(layout, axis):
     assert_close(value, ref_value, F32)
     assert_tree_close((g_params, g_x), ref_grads, F32)
     assert g_params.W.sharding.is_equivalent_to(sharded.W.sharding, 2)
+
+
+def small_problem():
+    W = jnp.asarray(normal(60, (4, 3), 0.5))
+    b = jnp.asarray(normal(61, (3,)))
+    x = jnp.asarray(normal(62, (16, 4)))
+    return W, b, x
+
+
+def sq(apply):
+    return lambda W, b, x: jnp.sum(jnp.tanh(apply(LinearParams(W, b), x)) ** 2)
+
+
+def test_shard_map_grad_jvp_and_grad_of_shard_map():
+    """Inside ``shard_map`` (x split by rows, W and b replicated, so they vary over
+    fewer axes than x) the layer's VJP, JVP and the gradient of the whole
+    ``shard_map`` equal autodiff of the plain formula."""
+    m = mesh((NUM_DEVICES,), ("data",))
+    specs = dict(mesh=m, in_specs=(P(), P(), P("data")))
+
+    def three(f):
+        per_shard_grads = jax.shard_map(
+            lambda W, b, x: jax.tree.map(
+                lambda g: jax.lax.psum(g, "data"), jax.grad(f, (0, 1))(W, b, x)
+            ),
+            out_specs=P(),
+            **specs,
+        )
+        per_shard_jvp = jax.shard_map(
+            lambda W, b, x: jax.jvp(lambda x: f(W, b, x), (x,), (x,))[1][None],
+            out_specs=P("data"),
+            **specs,
+        )
+        total = jax.shard_map(
+            lambda W, b, x: jax.lax.psum(f(W, b, x), "data"), out_specs=P(), **specs
+        )
+        return jax.jit(
+            lambda *a: (per_shard_grads(*a), per_shard_jvp(*a), jax.grad(total, (0, 1, 2))(*a))
+        )
+
+    args = small_problem()
+    assert_tree_close(three(sq(linear_apply))(*args), three(sq(plain_linear))(*args), F32)
+
+
+def test_explicit_mesh_with_uncommitted_parameters():
+    """Explicit axes, x sharded by rows and W, b never placed on the mesh: the
+    cotangents of W and b are replicated on it (dW = xᵀ g contracts the sharded
+    rows), and the layer's type carries x's row sharding."""
+    m = mesh((NUM_DEVICES,), ("data",), AxisType.Explicit)
+    W, b, x = small_problem()
+    with jax.set_mesh(m):
+        xs = jax.device_put(x, NamedSharding(m, P("data")))
+        y = jax.jit(lambda W, b, x: linear_apply(LinearParams(W, b), x))(W, b, xs)
+        assert jax.typeof(y).sharding.spec == P("data", None)
+        ours = jax.jit(jax.grad(sq(linear_apply), (0, 1, 2)))(W, b, xs)
+        plain = jax.jit(jax.grad(sq(plain_linear), (0, 1, 2)))(W, b, xs)
+        tangents = jax.jit(
+            lambda x: [
+                jax.jvp(lambda x: sq(f)(W, b, x), (x,), (x,))[1]
+                for f in (linear_apply, plain_linear)
+            ]
+        )(xs)
+    assert_tree_close(ours, plain, F32)
+    assert_close(tangents[0], tangents[1], F32)
