@@ -44,11 +44,17 @@ __all__ = [
     "Zero",
     "agree_varying_axes",
     "canonicalize_precision",
+    "is_eager",
     "is_zero",
     "primal_left_tangent_right",
     "saves_output",
     "wants_cotangent",
 ]
+
+
+def is_eager() -> bool:
+    """Whether JAX is evaluating eagerly: no transformation or trace is active."""
+    return isinstance(_core.trace_ctx.trace, _core.EvalTrace)
 
 
 def is_zero(t) -> bool:

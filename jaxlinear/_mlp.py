@@ -15,10 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._activations import relu
+from . import _taps
+from ._activations import relu, sigmoid, tanh
+from ._hijax import is_eager
 from ._init import linear_init
 from ._linear import LinearParams, linear_apply
-from ._validate import check_bool, check_callable, check_key, check_sizes, describe
+from ._validate import (
+    check_bool,
+    check_callable,
+    check_key,
+    check_precision,
+    check_sizes,
+    describe,
+)
 
 __all__ = ["mlp_init", "mlp_apply"]
 
@@ -100,7 +109,35 @@ def mlp_apply(
     Returns:
         ``(*batch, out_features)``.
     """
+    if _eager(params, x, activation, final_activation):
+        return _mlp_eager(
+            _check_mlp(params), x, activation, final_activation, check_precision(precision)
+        )
     return mlp_forward(params, x, activation, final_activation, precision, linear_apply)
+
+
+def _eager(params, x, activation, final_activation) -> bool:
+    """An eager call (no tracer) with jaxlinear's own activations: those are fixed,
+    hashable functions, so the whole MLP can run as one cached compiled call
+    instead of one dispatch per layer and activation."""
+    own = (relu, sigmoid, tanh)
+    if activation not in own or (final_activation is not None and final_activation not in own):
+        return False
+    if not is_eager() or _taps.innermost() is not None:
+        return False  # traced, or per_example_grad_norms is watching the layers
+    leaves = jax.tree.leaves((params, x))  # arrays only: nested lists stay plain values
+    return all(
+        isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
+        for leaf in leaves
+    )
+
+
+_mlp_eager = jax.jit(
+    lambda params, x, activation, final_activation, precision: mlp_forward(
+        params, x, activation, final_activation, precision, linear_apply
+    ),
+    static_argnums=(2, 3, 4),
+)
 
 
 def mlp_forward(params, x, activation, final_activation, precision, linear):

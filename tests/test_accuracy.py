@@ -67,6 +67,9 @@ import pytest
 import jaxlinear as jl
 from tests.helpers import dtype_context
 
+# Slow (a randomized sweep up to N = 4096 rows, four dtypes): not in -m "not slow".
+pytestmark = pytest.mark.slow
+
 TRUTH = np.longdouble  # float64 or wider: see the module docstring
 DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 LOW = ("bf16", "f16")

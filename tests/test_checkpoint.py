@@ -22,6 +22,9 @@ from tests.test_examples import EXAMPLES, ROOT, TIMEOUT_S, _env, printed
 
 # Small and fast: 3 epochs of a 64-32-10 MLP, interrupted after epoch 1.
 EPOCHS, STOP_AFTER = 3, 1
+# Slow (train_digits.py runs in subprocesses): not in the quick subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 SETTINGS = ("--epochs", str(EPOCHS), "--hidden", "32", "--no-progress")
 
 DRIVER = """

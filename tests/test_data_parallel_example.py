@@ -18,6 +18,9 @@ import pytest
 import jaxlinear
 import jaxlinear.check
 
+# Slow (the example in a subprocess on 8 devices): not in the quick subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SCRIPT = EXAMPLES / "data_parallel.py"
 

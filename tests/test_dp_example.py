@@ -17,6 +17,9 @@ import pytest
 
 from tests.test_examples import EXAMPLES, printed, run_example
 
+# Slow (runs the DP-SGD example): not in the quick subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 # Test accuracy after 3 epochs with the defaults (σ = 1.5, C = 1, expected batch
 # 32, Adam 1e-2). Measured with seeds 0..9: 0.700 to 0.839 (seed 0, the one run
 # here: 0.742, 267 of 360). 0.60 leaves 50 images of slack for float differences

@@ -23,6 +23,9 @@ import numpy as np
 import pytest
 from jax import lax
 
+# Slow (the examples run end to end): not in the quick subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,9 @@ import time
 import numpy as np
 import pytest
 
+# Slow (real worker processes and a fault test: about 30 s): not in the quick subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SCRIPT = EXAMPLES / "data_parallel.py"
 # The bound on how long a failed run may take to end.

@@ -26,6 +26,9 @@ import pytest
 import jaxlinear
 from jaxlinear.check import tolerance_for
 
+# Slow (trains the PINN example in a subprocess): not in the quick subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

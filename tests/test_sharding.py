@@ -431,7 +431,7 @@ def test_explicit_mesh_with_uncommitted_parameters():
         plain = jax.jit(jax.grad(sq(plain_linear), (0, 1, 2)))(W, b, xs)
         tangents = jax.jit(
             lambda x: [
-                jax.jvp(lambda x: sq(f)(W, b, x), (x,), (x,))[1]
+                jax.jvp(lambda x, f=f: sq(f)(W, b, x), (x,), (x,))[1]
                 for f in (linear_apply, plain_linear)
             ]
         )(xs)
