@@ -19,11 +19,14 @@ import numpy as np
 from ._hijax import canonicalize_precision
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_FLOAT_NP_DTYPES = frozenset(np.dtype(jnp.dtype(d)) for d in FLOAT_DTYPES)
 LAYOUTS = ("in_out", "out_in")
 
 
 def as_float_array(name: str, value: Any) -> jax.Array:
     """Return ``value`` as a JAX array, or raise if its dtype is not a real float."""
+    if isinstance(value, jax.Array) and value.dtype in _FLOAT_NP_DTYPES:
+        return value  # already a float JAX array (or tracer): nothing to convert
     if value is None:
         raise TypeError(f"`{name}` must be an array with a floating dtype; got None.")
     try:

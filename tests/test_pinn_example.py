@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
 import struct
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 
 import jaxlinear
 from jaxlinear.check import tolerance_for
+from tests.test_examples import printed, run_example
 
 # Slow (trains the PINN example in a subprocess): not in the quick subset, -m "not slow".
 pytestmark = pytest.mark.slow
@@ -32,7 +32,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TIMEOUT_S = 300  # generous: a smoke run takes ~3 s, mostly imports and compilation
 
 # The smoke run: 300 Adam steps (one jitted chunk). Measured with seeds 0..9:
 # relative L2 error 9.8e-4 to 4.3e-3 (seed 0, the one run here: 9.8e-4), and
@@ -46,43 +45,12 @@ SMOKE_ERROR_BOUND = 1e-2
 SMOKE_LOSS_DROP = 1e3
 
 
-def _env() -> dict[str, str]:
-    """This environment without a simulated-device flag, as a user's shell has it."""
-    env = dict(os.environ)
-    flags = [
-        f
-        for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    else:
-        env.pop("XLA_FLAGS", None)
-    return env
-
-
 def _run(*args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", str(EXAMPLES / "pinn.py"), *args],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    assert proc.returncode == expect_rc, (
-        f"pinn.py {' '.join(args)} exited with {proc.returncode} (expected {expect_rc})\n"
-        f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
-    )
-    return proc
+    """Run pinn.py in a subprocess (the same runner as the other examples' tests)."""
+    return run_example("pinn.py", *args, expect_rc=expect_rc)
 
 
-def _printed(stdout: str, label: str) -> str:
-    """The value of the one line ``label: value`` in ``stdout``."""
-    values = re.findall(rf"^{re.escape(label)}: (.*)$", stdout, flags=re.MULTILINE)
-    assert len(values) == 1, f"expected one line {label!r}: ...; got {values} in\n{stdout}"
-    return values[0].strip()
+_printed = printed
 
 
 def test_help_lists_the_flags():
