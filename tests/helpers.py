@@ -26,22 +26,31 @@ def dtype_context(dtype):
         yield
 
 
-def normal(key, shape, dtype, scale=1.0):
+def _rng(key, stream: int = 0) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key (and a stream number): drawing test
+    inputs on the host compiles no random-number kernel per shape and dtype, which
+    cost more CPU than most small tests themselves."""
+    data = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    return np.random.default_rng([*data, stream])
+
+
+def normal(key, shape, dtype, scale=1.0, *, stream: int = 0):
     """Standard-normal draws in float32, scaled, then cast (the same values up to
     rounding whatever the dtype)."""
-    return (float(scale) * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    draws = _rng(key, stream).standard_normal(tuple(shape), dtype=np.float32)
+    return jnp.asarray(np.float32(scale) * draws).astype(dtype)
 
 
 def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, bias):
     """x ~ N(0, 1) of shape batch + (in,), W ~ N(0, 1/in), b ~ N(0, 1)."""
     from jaxlinear import LinearParams
 
-    kx, kw, kb = jax.random.split(key, 3)
-    W = normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features))
+    kx, kw, kb = key, key, key  # three independent streams of one generator seed
+    W = normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features), stream=1)
     if layout == "out_in":
         W = W.T
-    b = normal(kb, (out_features,), dtype) if bias else None
-    x = normal(kx, tuple(batch) + (in_features,), dtype)
+    b = normal(kb, (out_features,), dtype, stream=2) if bias else None
+    x = normal(kx, tuple(batch) + (in_features,), dtype, stream=3)
     return LinearParams(W, b, layout), x
 
 

@@ -21,7 +21,7 @@ import pytest
 from tests.test_examples import EXAMPLES, ROOT, TIMEOUT_S, _env, printed
 
 # Small and fast: 3 epochs of a 64-32-10 MLP, interrupted after epoch 1.
-EPOCHS, STOP_AFTER = 3, 1
+EPOCHS, STOP_AFTER = 2, 1
 # Slow (train_digits.py runs in subprocesses): not in the quick subset, -m "not slow".
 pytestmark = pytest.mark.slow
 

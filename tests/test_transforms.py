@@ -65,10 +65,11 @@ def test_vmap_per_example_gradients_equal_python_loop(layout, batch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vmap_over_an_ensemble_of_parameters(layout):
     E = 4
-    keys = jax.random.split(jax.random.key(2), E)
-    stack = jax.vmap(lambda k: well_scaled_linear(k, 5, 2, (), F32, layout=layout, bias=True)[0])(
-        keys
-    )
+    layers = [
+        well_scaled_linear(jax.random.key(20 + e), 5, 2, (), F32, layout=layout, bias=True)[0]
+        for e in range(E)
+    ]
+    stack = jax.tree.map(lambda *a: jnp.stack(a), *layers)
     x = normal(jax.random.key(3), (7, 5), F32)
     axes = LinearParams(0, 0, layout)
     grads = jax.jit(jax.vmap(jax.grad(sq_loss(linear_apply)), in_axes=(axes, None)))(stack, x)
@@ -110,10 +111,11 @@ def test_checkpoint(policy):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_scan_over_a_stack_of_layers(layout):
     L, D = 4, 5
-    keys = jax.random.split(jax.random.key(6), L)
-    stack = jax.vmap(lambda k: well_scaled_linear(k, D, D, (), F32, layout=layout, bias=True)[0])(
-        keys
-    )
+    layers = [
+        well_scaled_linear(jax.random.key(60 + i), D, D, (), F32, layout=layout, bias=True)[0]
+        for i in range(L)
+    ]
+    stack = jax.tree.map(lambda *a: jnp.stack(a), *layers)
     x = normal(jax.random.key(7), (3, D), F32)
 
     def deep(apply):
