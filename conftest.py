@@ -35,3 +35,11 @@ def _no_config_leaks():
     yield
     after = _config()
     assert before == after, f"a test leaked JAX config: {before} -> {after}"
+
+
+def pytest_collection_modifyitems(items):
+    """The guide pages' doctests (docs/*.md) train small models: slow, so they are
+    left out of the quick subset (``pytest -m "not slow"``); the README's stay in."""
+    for item in items:
+        if item.path.parent.name == "docs" and item.path.suffix == ".md":
+            item.add_marker(pytest.mark.slow)

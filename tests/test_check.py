@@ -394,6 +394,7 @@ def plain_tanh_layer(params, x):
     return jnp.tanh(plain_linear(params, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(50))
 def test_no_false_failures_on_well_scaled_inputs(seed):
     """The check itself is sound: a right rule passes whatever the seed (module-level

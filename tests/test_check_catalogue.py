@@ -24,6 +24,9 @@ import pytest
 from jaxlinear import check_vjp
 from jaxlinear.check import library_cases
 
+# Slow (24 wrong and 7 correct rules, each checked): not in -m "not slow".
+pytestmark = pytest.mark.slow
+
 CPU0 = [jax.devices("cpu")[0]]
 F32, F64, BF16, F16 = "float32", "float64", "bfloat16", "float16"
 VALUES = ("reference", "fd")

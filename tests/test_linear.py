@@ -39,6 +39,7 @@ def vjp_both(params, x, g):
     return (y1, f1(g)), (y2, f2(g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("batch", BATCHES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])

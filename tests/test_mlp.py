@@ -61,6 +61,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("kind,act,sizes,layout,bias,batch", CASES, ids=str)
 def test_mlp_gradients_equal_autodiff(kind, act, sizes, layout, bias, batch, dtype):

@@ -119,6 +119,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "bias", "seq", "dtype"), CASES)
 def test_mlp_matches_vmap_grad(arch, bias, seq, dtype):
     sizes, activation = ARCHS[arch]

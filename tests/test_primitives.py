@@ -185,6 +185,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting,reduction,layout", CASES, ids=[c[0] for c in CASES])
 def test_every_transformation_equals_autodiff(setting, reduction, layout):
     with flags(FLAGS[setting]), jax.enable_x64(True):
