@@ -42,11 +42,11 @@ def linear_case(seed=0, batch=(5,), dtype=np.float32, bias=True, layout="in_out"
 @pytest.mark.slow
 @pytest.mark.parametrize("case", library_cases(), ids=lambda c: c.name)
 def test_every_library_rule_passes(case):
-    """Every library rule, explored, in float32 and bfloat16 (one high and one low
-    precision). ``python -m jaxlinear.check``, a step of its own in CI, asserts the
-    same cases in all four dtypes; test_check_catalogue's correct rules take four of
-    them through all four dtypes in the suite."""
-    dtypes = [d for d in ("float32", "bfloat16") if case.dtypes is None or d in case.dtypes]
+    """Every library rule, explored, in float32. ``python -m jaxlinear.check``, a step
+    of its own in CI, asserts the same cases in all four dtypes; in the suite,
+    test_check_catalogue's correct rules take four of them through all four dtypes and
+    test_accuracy holds every rule to autodiff's accuracy in each dtype."""
+    dtypes = ["float32"]
     report = check_vjp(
         case.fn,
         case.args,
