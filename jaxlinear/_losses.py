@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._hijax import Rule, is_zero, staged_primitive, wants_cotangent
+from ._linear import _at_axis
 from ._validate import as_float_array, check_same_dtype, sum_dtype
 
 __all__ = ["MSELoss", "SoftmaxCrossEntropy", "mse_loss", "softmax_cross_entropy"]
@@ -80,13 +81,6 @@ def _out_aval(fn, in_avals, reduction: str, k: int):
     return jax.make_jaxpr(fn)(*in_avals).out_avals[0]  # JAX's rules give the sharding
 
 
-def _at_front(a, d, size):
-    """``a`` with its batch axis ``d`` moved to 0, or broadcast there if unbatched."""
-    if d is not None:
-        return jnp.moveaxis(a, d, 0)
-    return jax.lax.broadcast_in_dim(a, (size,) + a.shape, tuple(range(1, a.ndim + 1)))
-
-
 class _Loss(Rule):
     """What both losses share: configuration, binding and the batching rule."""
 
@@ -105,7 +99,7 @@ class _Loss(Rule):
     def batch(self, axis_data, args, dims):
         if all(d is None for d in dims):
             return self(*args), None
-        a, b = (_at_front(x, d, axis_data.size) for x, d in zip(args, dims, strict=True))
+        a, b = (_at_axis(x, d, 0, axis_data.size) for x, d in zip(args, dims, strict=True))
         return type(self).bind(a, b, reduction=self.reduction, k=self.k + 1), 0
 
     def lin(self, nzs, a, b):

@@ -261,6 +261,30 @@ def _plan(loss_fn: Callable, params: Any, batch: Any) -> _Plan:
             f"losses; got {type(loss_fn).__name__}."
         )
     B = _batch_size(batch)
+    paths, leaves, treedef = _float_leaves(params)
+    calls: list[_Call] = []
+
+    def traced(leaf_values, batch):
+        with _Tap("discover", leaf_values, paths, B) as tap:
+            losses = loss_fn(jax.tree.unflatten(treedef, leaf_values), batch)
+        calls.extend(tap.calls)
+        _check_losses(losses, B)
+        return losses
+
+    closed = jax.make_jaxpr(traced)(leaves, batch)
+    _check_only_layers_use_parameters(calls, _live_invars(closed.jaxpr), paths, leaves)
+    return _Plan(
+        calls=tuple(calls),
+        paths=paths,
+        leaf_shapes=tuple(tuple(np.shape(leaf)) for leaf in leaves),
+        leaf_dtypes=tuple(np.dtype(jnp.result_type(leaf)) for leaf in leaves),
+        treedef=treedef,
+        batch_size=B,
+    )
+
+
+def _float_leaves(params: Any):
+    """(pytree paths, leaves, treedef) of ``params``, every leaf a real float array."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = tuple(jax.tree_util.keystr(p) for p, _ in with_paths)
     leaves = [leaf for _, leaf in with_paths]
@@ -275,21 +299,14 @@ def _plan(loss_fn: Callable, params: Any, batch: Any) -> _Plan:
                 f"parameter); `params{path}` is {getattr(dtype, 'name', type(leaf).__name__)}. "
                 "Pass non-trainable values through `batch` or close over them in `loss_fn`."
             )
+    return paths, leaves, treedef
 
-    calls: list[_Call] = []
 
-    def traced(leaf_values, batch):
-        with _Tap("discover", leaf_values, paths, B) as tap:
-            losses = loss_fn(jax.tree.unflatten(treedef, leaf_values), batch)
-        calls.extend(tap.calls)
-        _check_losses(losses, B)
-        return losses
-
-    closed = jax.make_jaxpr(traced)(leaves, batch)
+def _check_only_layers_use_parameters(calls, live, paths, leaves) -> None:
+    """Every parameter the loss depends on is the W or b of layer calls, and only that."""
     consumed = set()
     for call in calls:
         consumed.update(i for i in (call.w_leaf, call.b_leaf) if i is not None)
-    live = _live_invars(closed.jaxpr)
     for i, path in enumerate(paths):
         if i not in consumed and live[i]:
             raise ValueError(
@@ -311,14 +328,6 @@ def _plan(loss_fn: Callable, params: Any, batch: Any) -> _Plan:
                 "weight penalty outside the per-example losses (e.g. "
                 "optax.add_decayed_weights)."
             )
-    return _Plan(
-        calls=tuple(calls),
-        paths=paths,
-        leaf_shapes=tuple(tuple(np.shape(leaf)) for leaf in leaves),
-        leaf_dtypes=tuple(np.dtype(jnp.result_type(leaf)) for leaf in leaves),
-        treedef=treedef,
-        batch_size=B,
-    )
 
 
 def _check_losses(losses: Any, B: int) -> None:
