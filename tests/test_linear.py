@@ -210,6 +210,25 @@ def test_preferred_element_type_accumulates_and_keeps_primal_dtypes(dtype):
     assert_close(dp1.b, dp2.b.astype(jnp.float32), dtype)
 
 
+@pytest.mark.parametrize(
+    "dtype, preferred", [(jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32)]
+)
+def test_eager_calls_equal_the_jitted_primitive_exactly(dtype, preferred):
+    """Eager calls run cached compiled code (product, then bias add) instead of
+    binding the primitive; the numbers must be the primitive's to the bit."""
+    for layout, bias, batch in itertools.product(LAYOUTS, (True, False), ((), (5,), (2, 3))):
+        params, x = well_scaled_linear(
+            jax.random.key(9), 6, 4, batch, dtype, layout=layout, bias=bias
+        )
+        eager = linear_apply(params, x, preferred_element_type=preferred)
+        traced = jax.jit(lambda p, x: linear_apply(p, x, preferred_element_type=preferred))(
+            params, x
+        )
+        assert eager.dtype == traced.dtype == (preferred or dtype)
+        np.testing.assert_array_equal(np.asarray(eager, np.float64), np.asarray(traced, np.float64))
+        assert_close(eager, plain(params, x).astype(eager.dtype), dtype)
+
+
 @pytest.mark.parametrize("device", backend_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_backend(device, layout):
