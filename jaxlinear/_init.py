@@ -83,16 +83,32 @@ def linear_init(
         :class:`LinearParams`.
     """
     key = check_key(key)
-    layout = check_layout(layout)
+    config = check_init_config(bias, layout, dtype, init)
     in_features = check_positive_int("in_features", in_features)
     out_features = check_positive_int("out_features", out_features)
+    if isinstance(init, str):
+        return _draw_named(key, in_features, out_features, *config)
+    return draw_layer(key, in_features, out_features, *config)
+
+
+def check_init_config(bias, layout, dtype, init) -> tuple:
+    """``(bias, layout, dtype, init)`` checked, as :func:`draw_layer` takes them."""
     bias = check_bool("bias", bias)
+    layout = check_layout(layout)
     dtype = check_float_dtype("dtype", dtype)
     if isinstance(init, str):
         if init not in INITS:
             raise ValueError(f"`init` must be one of {sorted(INITS)} or a callable; got {init!r}.")
+    elif not callable(init):
+        raise TypeError(f"`init` must be a name in {sorted(INITS)} or a callable; got {init!r}.")
+    return bias, layout, dtype, init
+
+
+def draw_layer(key, in_features, out_features, bias, layout, dtype, init) -> LinearParams:
+    """One layer's parameters, for validated arguments."""
+    if isinstance(init, str):
         W, b = INITS[init](key, in_features, out_features, dtype)
-    elif callable(init):
+    else:
         W, b = init(key, (in_features, out_features), dtype), None
         if getattr(W, "shape", None) != (in_features, out_features):
             raise ValueError(
@@ -100,8 +116,6 @@ def linear_init(
                 f"({in_features}, {out_features}); got shape {getattr(W, 'shape', None)}."
             )
         W = jnp.asarray(W, dtype)
-    else:
-        raise TypeError(f"`init` must be a name in {sorted(INITS)} or a callable; got {init!r}.")
     if not bias:
         b = None
     elif b is None:
@@ -109,3 +123,10 @@ def linear_init(
     if layout == "out_in":
         W = W.T
     return LinearParams(W=W, b=b, layout=layout)
+
+
+# A named initialiser runs as one compiled program per configuration. Drawn op by
+# op, each array shape compiled its own random-number kernels at first use (a
+# truncated normal about 0.2 s on 2 CPU cores); the numbers are the same to the bit.
+# Callables stay op by op: a new closure each call would compile a new program.
+_draw_named = jax.jit(draw_layer, static_argnums=(1, 2, 3, 4, 5, 6))

@@ -18,10 +18,9 @@ import numpy as np
 from . import _taps
 from ._activations import relu, sigmoid, tanh
 from ._hijax import is_eager
-from ._init import linear_init
+from ._init import check_init_config, draw_layer
 from ._linear import LinearParams, linear_apply
 from ._validate import (
-    check_bool,
     check_callable,
     check_key,
     check_precision,
@@ -58,12 +57,21 @@ def mlp_init(
     """
     key = check_key(key)
     sizes = check_sizes(sizes)
-    bias = check_bool("bias", bias)
+    config = check_init_config(bias, layout, dtype, init)
+    if isinstance(init, str):  # one compiled program per configuration (see _init.py)
+        return _draw_mlp_named(key, sizes, *config)
+    return _draw_mlp(key, sizes, *config)
+
+
+def _draw_mlp(key, sizes, bias, layout, dtype, init) -> tuple[LinearParams, ...]:
     keys = jax.random.split(key, len(sizes) - 1)
     return tuple(
-        linear_init(k, i, o, bias=bias, layout=layout, dtype=dtype, init=init)
+        draw_layer(k, i, o, bias, layout, dtype, init)
         for k, i, o in zip(keys, sizes[:-1], sizes[1:], strict=True)
     )
+
+
+_draw_mlp_named = jax.jit(_draw_mlp, static_argnums=(1, 2, 3, 4, 5))
 
 
 def _check_mlp(params: Any) -> tuple[LinearParams, ...]:
