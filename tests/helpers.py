@@ -34,11 +34,18 @@ def _rng(key, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([*data, stream])
 
 
+def _np_normal(key, shape, dtype, scale, stream):
+    """Standard-normal draws in float32, scaled, then rounded to ``dtype`` on the
+    host (NumPy's bfloat16 and float16 round to nearest even, as XLA does), so no
+    conversion program is compiled per shape either."""
+    draws = _rng(key, stream).standard_normal(tuple(shape), dtype=np.float32)
+    return (np.float32(scale) * draws).astype(jnp.dtype(dtype))
+
+
 def normal(key, shape, dtype, scale=1.0, *, stream: int = 0):
     """Standard-normal draws in float32, scaled, then cast (the same values up to
     rounding whatever the dtype)."""
-    draws = _rng(key, stream).standard_normal(tuple(shape), dtype=np.float32)
-    return jnp.asarray(np.float32(scale) * draws).astype(dtype)
+    return jnp.asarray(_np_normal(key, shape, dtype, scale, stream))
 
 
 def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, bias):
@@ -46,12 +53,12 @@ def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, 
     from jaxlinear import LinearParams
 
     kx, kw, kb = key, key, key  # three independent streams of one generator seed
-    W = normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features), stream=1)
+    W = _np_normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features), 1)
     if layout == "out_in":
-        W = W.T
-    b = normal(kb, (out_features,), dtype, stream=2) if bias else None
+        W = np.ascontiguousarray(W.T)
+    b = jnp.asarray(_np_normal(kb, (out_features,), dtype, 1.0, 2)) if bias else None
     x = normal(kx, tuple(batch) + (in_features,), dtype, stream=3)
-    return LinearParams(W, b, layout), x
+    return LinearParams(jnp.asarray(W), b, layout), x
 
 
 def assert_close(actual, expected, dtype, kind="autodiff", err_msg=""):
@@ -77,8 +84,9 @@ def assert_tree_close(actual, expected, dtype, kind="autodiff"):
 
 
 def take(tree, i):
-    """Entry ``i`` of every leaf of a stacked pytree."""
-    return jax.tree.map(lambda a: a[i], tree)
+    """Entry ``i`` of every leaf of a stacked pytree, as NumPy arrays (indexing on the
+    host compiles nothing)."""
+    return jax.tree.map(lambda a: np.asarray(a)[i], tree)
 
 
 def backend_params():
@@ -127,3 +135,35 @@ def np_layer(seed, n_in, n_out, layout="in_out"):
     return LinearParams(
         W if layout == "in_out" else W.T, np_normal(seed + 1, (n_out,), 0.5), layout
     )
+
+
+# Standard deviation of W per named init, in units of 1/sqrt(fan_in).
+_INIT_STD = {"lecun_normal": 1.0, "he_normal": np.sqrt(2.0), "pytorch": 1.0 / np.sqrt(3.0)}
+
+
+def mlp_params(seed, sizes, *, dtype=jnp.float32, layout="in_out", bias=True, init="lecun_normal"):
+    """An MLP's parameters drawn on the host, for tests whose subject is not the
+    initialiser: W uniform with the standard deviation ``init`` gives it (the
+    ``init`` argument of :func:`jaxlinear.mlp_init`), b uniform in ±1/sqrt(fan_in).
+    No random-number kernel is compiled per layer shape (about 0.2 s each)."""
+    from jaxlinear import LinearParams
+
+    rng = np.random.default_rng(seed)
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=False):
+        half_width = np.sqrt(3.0) * _INIT_STD[init] / np.sqrt(n_in)
+        W = rng.uniform(-half_width, half_width, (n_in, n_out)).astype(jnp.dtype(dtype))
+        b = rng.uniform(-1, 1, n_out) / np.sqrt(n_in) if bias else None
+        layers.append(
+            LinearParams(
+                jnp.asarray(W if layout == "in_out" else np.ascontiguousarray(W.T)),
+                None if b is None else jnp.asarray(b.astype(jnp.dtype(dtype))),
+                layout,
+            )
+        )
+    return tuple(layers)
+
+
+def int_labels(seed, shape, classes):
+    """Integer class labels in [0, classes), drawn on the host."""
+    return jnp.asarray(np.random.default_rng(seed).integers(0, classes, shape, dtype=np.int32))

@@ -16,6 +16,10 @@ import pytest
 import jaxlinear.check as cli
 from jaxlinear.check import Case, library_cases, main
 
+# Slow (the checker's command line over whole rules, and a subprocess): not in the
+# quick subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 
 def test_json_is_one_document_on_stdout_and_progress_goes_to_stderr(capsys):
     rc = main(

@@ -15,7 +15,7 @@ import math
 import dp_accounting
 import pytest
 
-from tests.test_examples import EXAMPLES, printed, run_example
+from tests.test_examples import EXAMPLES, printed, run_example, run_probes
 
 # Slow (runs the DP-SGD example): not in the quick subset, -m "not slow".
 pytestmark = pytest.mark.slow
@@ -78,19 +78,21 @@ def test_short_run_learns_and_reports_its_privacy(tmp_path):
     assert history == sorted(history) and history[-1] == eps_rdp
 
 
-def test_help_lists_the_privacy_options_and_says_what_out_holds():
-    out = run_example("dp_sgd.py", "--help").stdout
+def test_help_and_refused_options():
+    """``--help`` lists the privacy options; bad ones exit 2 with a clear message (one
+    probing subprocess for the three command lines)."""
+    help_, clip, noise = run_probes(
+        "dp_sgd.py", ["--help"], ["--l2-clip", "0"], ["--noise-multiplier", "-1"]
+    )
+    assert help_.returncode == 0, help_.stderr
+    out = help_.stdout
     for option in ("--epochs", "--seed", "--out", "--noise-multiplier", "--l2-clip", "--delta"):
         assert option in out
     assert "directory for the results file dp_sgd.json" in " ".join(out.split())
     assert "PNG" not in out
-
-
-def test_bad_options_are_refused():
-    proc = run_example("dp_sgd.py", "--l2-clip", "0", expect_rc=2)
-    assert "expected a positive number; got 0" in proc.stderr
-    proc = run_example("dp_sgd.py", "--noise-multiplier", "-1", expect_rc=2)
-    assert "expected a number >= 0; got -1" in proc.stderr
+    assert clip.returncode == noise.returncode == 2
+    assert "expected a positive number; got 0" in clip.stderr
+    assert "expected a number >= 0; got -1" in noise.stderr
 
 
 # (q, σ, steps, δ): the example's defaults, TF Privacy's MNIST tutorial (batch 256

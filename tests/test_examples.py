@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import doctest
 import importlib.util
+import json
 import os
 import re
 import struct
@@ -55,9 +56,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_example(name: str, *args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", str(EXAMPLES / name), *args],
+def python(*args: str) -> subprocess.CompletedProcess:
+    """``python -W error ARGS`` from the repository root, without the simulated devices."""
+    return subprocess.run(
+        [sys.executable, "-W", "error", *args],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -65,11 +67,48 @@ def run_example(name: str, *args: str, expect_rc: int = 0) -> subprocess.Complet
         timeout=TIMEOUT_S,
         check=False,
     )
+
+
+def run_example(name: str, *args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    proc = python(str(EXAMPLES / name), *args)
     assert proc.returncode == expect_rc, (
         f"{name} {' '.join(args)} exited with {proc.returncode} (expected {expect_rc})\n"
         f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
     )
     return proc
+
+
+# Runs an example script as ``__main__`` once per command line, in one interpreter,
+# and prints each run's exit status, stdout and stderr as JSON. For command lines
+# that end in argparse (``--help``, refused arguments): each probe is what a user's
+# ``python -W error examples/NAME.py ARGS`` would see, without one interpreter and
+# one JAX import per probe.
+PROBE_DRIVER = """
+import contextlib, io, json, runpy, sys
+script, probes = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, str(__import__("pathlib").Path(script).parent))
+results = []
+for argv in probes:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = [script, *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def run_probes(name: str, *probes: list[str]) -> list[subprocess.CompletedProcess]:
+    """``python -W error examples/NAME.py *probe`` for each probe, as one subprocess."""
+    proc = python("-c", PROBE_DRIVER, str(EXAMPLES / name), json.dumps(probes))
+    assert proc.returncode == 0, f"probing {name} failed\n{proc.stdout}\n{proc.stderr}"
+    return [
+        subprocess.CompletedProcess([name, *argv], **result)
+        for argv, result in zip(probes, json.loads(proc.stdout), strict=True)
+    ]
 
 
 def printed(stdout: str, label: str) -> str:
@@ -89,46 +128,62 @@ def assert_png(path: Path, size: tuple[int, int]) -> None:
     assert len(data) > 10_000, f"{path} is only {len(data)} bytes: an empty figure?"
 
 
-@pytest.mark.parametrize(
-    "name, flags",
-    [
-        ("xor.py", ["--steps", "--hidden", "--lr", "--seed", "--out"]),
-        ("regression.py", ["--steps", "--points", "--hidden", "--lr", "--seed", "--out"]),
-        (
-            "train_digits.py",
-            ["--epochs", "--batch-size", "--lr", "--hidden", "--seed", "--out", "--no-progress"],
-        ),
+HELP = {
+    "xor.py": ["--steps", "--hidden", "--lr", "--seed", "--out"],
+    "regression.py": ["--steps", "--points", "--hidden", "--lr", "--seed", "--out"],
+    "train_digits.py": [
+        "--epochs", "--batch-size", "--lr", "--hidden", "--seed", "--out", "--no-progress"
     ],
-)
-def test_help_lists_the_flags(name, flags):
-    out = run_example(name, "--help").stdout
+}  # fmt: skip
+REFUSED = [
+    ("xor.py", ["--steps", "0"], "argument --steps: expected a positive integer; got 0"),
+    (
+        "train_digits.py",
+        ["--batch-size", "2000"],
+        "--batch-size must be at most 1437 (the training images); got 2000",
+    ),
+    (
+        "train_digits.py",
+        ["--hidden", "128,x"],
+        "argument --hidden: expected comma-separated positive layer sizes",
+    ),
+    ("regression.py", ["--lr", "-1"], "argument --lr: expected a positive, finite number"),
+]
+
+
+@pytest.fixture(scope="module")
+def command_lines(tmp_path_factory):
+    """Every example's ``--help`` and refused command lines (each with an ``--out``
+    directory of its own), run as one probing subprocess per example."""
+    runs = {}
+    for name in HELP:
+        refused = [args for example, args, _ in REFUSED if example == name]
+        outs = [tmp_path_factory.mktemp("refused") for _ in refused]
+        probes = [["--help"]] + [[*a, "--out", str(o)] for a, o in zip(refused, outs, strict=True)]
+        procs = run_probes(name, *probes)
+        runs[(name, "--help")] = procs[0], None
+        for args, out, proc in zip(refused, outs, procs[1:], strict=True):
+            runs[(name, *args)] = proc, out
+    return runs
+
+
+@pytest.mark.parametrize("name, flags", HELP.items())
+def test_help_lists_the_flags(command_lines, name, flags):
+    proc, _ = command_lines[(name, "--help")]
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     assert out.startswith(f"usage: {name}")
     missing = [f for f in flags if f not in out]
     assert not missing, f"{name} --help does not mention {missing}:\n{out}"
 
 
-@pytest.mark.parametrize(
-    "name, args, message",
-    [
-        ("xor.py", ["--steps", "0"], "argument --steps: expected a positive integer; got 0"),
-        (
-            "train_digits.py",
-            ["--batch-size", "2000"],
-            "--batch-size must be at most 1437 (the training images); got 2000",
-        ),
-        (
-            "train_digits.py",
-            ["--hidden", "128,x"],
-            "argument --hidden: expected comma-separated positive layer sizes",
-        ),
-        ("regression.py", ["--lr", "-1"], "argument --lr: expected a positive, finite number"),
-    ],
-)
-def test_bad_arguments_exit_2_with_a_clear_message(name, args, message, tmp_path):
-    proc = run_example(name, *args, "--out", str(tmp_path), expect_rc=2)
+@pytest.mark.parametrize("name, args, message", REFUSED)
+def test_bad_arguments_exit_2_with_a_clear_message(command_lines, name, args, message):
+    proc, out_dir = command_lines[(name, *args)]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert message in proc.stderr
     assert proc.stdout == ""
-    assert not any(tmp_path.iterdir()), "a rejected command line still wrote output"
+    assert not any(out_dir.iterdir()), "a rejected command line still wrote output"
 
 
 def test_xor_learns_all_four_cases(tmp_path):

@@ -15,6 +15,7 @@ from jaxlinear.check import FD_RELATIVE_STEP, tolerance_for
 from tests.helpers import (
     assert_close,
     assert_tree_close,
+    mlp_params,
     normal,
     plain_linear,
     well_scaled_linear,
@@ -60,6 +61,7 @@ def test_reverse_mode_equals_the_hand_derived_backward(layout):
     assert_tree_close((dx, dp.W, dp.b), (dx2, dW2, db2), F32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_linear_jacfwd_linearize_and_finite_differences(layout):
     with jax.enable_x64(True):
@@ -144,11 +146,12 @@ def test_loss_twins():
         assert_close(jl.softmax_cross_entropy(y, labels), jl.softmax_cross_entropy(y, labels), F64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_hessian_of_a_small_mlp_three_ways(act):
     """jax.hessian (forward over reverse) == jacrev(jacrev) == jacfwd(jacfwd) == autodiff."""
     with jax.enable_x64(True):
-        params = jl.mlp_init(jax.random.key(12), (3, 4, 2), dtype=F64)
+        params = mlp_params(12, (3, 4, 2), dtype=F64)
         x = normal(jax.random.key(13), (6, 3), F64)
         labels = jnp.array([0, 1, 1, 0, 1, 0])
         main_act = getattr(jl, act)

@@ -23,6 +23,11 @@ import pytest
 
 import jaxlinear
 from jaxlinear import linear_apply, linear_backward, mlp_apply, softmax_cross_entropy
+from tests.helpers import mlp_params
+
+# Slow (compiled HLO of every layer and network configuration): not in the quick
+# subset, -m "not slow".
+pytestmark = pytest.mark.slow
 
 LAYOUTS = ["in_out", "out_in"]
 LEADING = [(6,), (3, 5)]
@@ -88,7 +93,7 @@ def _linear_case(layout, leading):
 
 
 def _mlp_case(layout, leading):
-    params = jaxlinear.mlp_init(jax.random.key(1), MLP_SIZES, layout=layout)
+    params = mlp_params(1, MLP_SIZES, layout=layout)
     return params, jnp.ones(leading + (MLP_SIZES[0],), jnp.float32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -41,30 +42,38 @@ def vjp_both(params, x, g):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("batch", BATCHES, ids=str)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_vjp_matches_autodiff(layout, bias, batch, dtype):
+def test_vjp_matches_autodiff(layout, dtype):
+    """Every batch shape, with and without bias, as one compiled program per dtype and
+    layout (the cases share it: one compile instead of eight)."""
+    configs = list(itertools.product((True, False), BATCHES))
     with dtype_context(dtype):
-        key = jax.random.key(0)
-        params, x = well_scaled_linear(key, 6, 4, batch, dtype, layout=layout, bias=bias)
-        g = normal(jax.random.key(1), batch + (4,), dtype)
-        (y1, (dp1, dx1)), (y2, (dp2, dx2)) = jax.jit(vjp_both)(params, x, g)
-        assert y1.dtype == dtype
-        assert_close(y1, y2, dtype)
-        assert_tree_close((dp1, dx1), (dp2, dx2), dtype)
-        assert dp1.layout == layout
-        assert (dp1.b is None) == (not bias)
-        # The public backward is the rule the VJP runs: same numbers exactly.
-        dx3, dW3, db3 = jax.jit(linear_backward, static_argnames="layout")(
-            g, x, params.W, layout=layout
-        )
-        np.testing.assert_array_equal(np.asarray(dx3, np.float64), np.asarray(dx1, np.float64))
-        np.testing.assert_array_equal(np.asarray(dW3, np.float64), np.asarray(dp1.W, np.float64))
-        if bias:
-            np.testing.assert_array_equal(
-                np.asarray(db3, np.float64), np.asarray(dp1.b, np.float64)
+        cases = []
+        for bias, batch in configs:
+            params, x = well_scaled_linear(
+                jax.random.key(0), 6, 4, batch, dtype, layout=layout, bias=bias
             )
+            cases.append((params, x, normal(jax.random.key(1), batch + (4,), dtype)))
+
+        def program(cases):  # the VJP against autodiff, and the public backward
+            backward = functools.partial(linear_backward, layout=layout)
+            return [(vjp_both(p, x, g), backward(g, x, p.W)) for p, x, g in cases]
+
+        results = jax.jit(program)(cases)
+        for (bias, batch), (((y1, (dp1, dx1)), (y2, (dp2, dx2))), backward) in zip(
+            configs, results, strict=True
+        ):
+            case = f"bias={bias}, batch={batch}"
+            assert y1.dtype == dtype, case
+            assert_close(y1, y2, dtype, err_msg=case)
+            assert_tree_close((dp1, dx1), (dp2, dx2), dtype)
+            assert dp1.layout == layout and (dp1.b is None) == (not bias), case
+            # The public backward is the rule the VJP runs: same numbers exactly.
+            for mine, rule in zip(backward, (dx1, dp1.W, dp1.b), strict=True):
+                if rule is not None:
+                    np.testing.assert_array_equal(
+                        np.asarray(mine, np.float64), np.asarray(rule, np.float64), err_msg=case
+                    )
 
 
 @settings(deadline=None, max_examples=40, derandomize=True)
@@ -216,17 +225,20 @@ def test_preferred_element_type_accumulates_and_keeps_primal_dtypes(dtype):
 def test_eager_calls_equal_the_jitted_primitive_exactly(dtype, preferred):
     """Eager calls run cached compiled code (product, then bias add) instead of
     binding the primitive; the numbers must be the primitive's to the bit."""
-    for layout, bias, batch in itertools.product(LAYOUTS, (True, False), ((), (5,), (2, 3))):
-        params, x = well_scaled_linear(
-            jax.random.key(9), 6, 4, batch, dtype, layout=layout, bias=bias
-        )
-        eager = linear_apply(params, x, preferred_element_type=preferred)
-        traced = jax.jit(lambda p, x: linear_apply(p, x, preferred_element_type=preferred))(
-            params, x
-        )
+    configs = list(itertools.product(LAYOUTS, (True, False), ((), (5,), (2, 3))))
+    cases = [
+        well_scaled_linear(jax.random.key(9), 6, 4, batch, dtype, layout=layout, bias=bias)
+        for layout, bias, batch in configs
+    ]
+    apply = functools.partial(linear_apply, preferred_element_type=preferred)
+    every_traced = jax.jit(lambda cases: [apply(*case) for case in cases])(cases)
+    for config, case, traced in zip(configs, cases, every_traced, strict=True):
+        eager = apply(*case)
         assert eager.dtype == traced.dtype == (preferred or dtype)
-        np.testing.assert_array_equal(np.asarray(eager, np.float64), np.asarray(traced, np.float64))
-        assert_close(eager, plain(params, x).astype(eager.dtype), dtype)
+        np.testing.assert_array_equal(
+            np.asarray(eager, np.float64), np.asarray(traced, np.float64), err_msg=str(config)
+        )
+        assert_close(eager, plain(*case).astype(eager.dtype), dtype, err_msg=str(config))
 
 
 @pytest.mark.parametrize("device", backend_params())

@@ -10,7 +10,14 @@ import optax
 import pytest
 
 import jaxlinear as jl
-from tests.helpers import assert_tree_close, backend_params, dtype_context, normal
+from tests.helpers import (
+    assert_tree_close,
+    backend_params,
+    dtype_context,
+    int_labels,
+    mlp_params,
+    normal,
+)
 
 ACTS = {
     "relu": (jl.relu, jax.nn.relu),
@@ -66,21 +73,22 @@ CASES = [
 @pytest.mark.parametrize("kind,act,sizes,layout,bias,batch", CASES, ids=str)
 def test_mlp_gradients_equal_autodiff(kind, act, sizes, layout, bias, batch, dtype):
     with dtype_context(dtype):
-        params = jl.mlp_init(jax.random.key(0), sizes, bias=bias, layout=layout, dtype=dtype)
+        params = mlp_params(0, sizes, bias=bias, layout=layout, dtype=dtype)
         x = normal(jax.random.key(1), batch + (sizes[0],), dtype)
         if kind == "mse":
             target = normal(jax.random.key(2), batch + (sizes[-1],), dtype)
         else:
-            target = jax.random.randint(jax.random.key(2), batch, 0, sizes[-1])
+            target = int_labels(2, batch, sizes[-1])
         ours, ref = losses(kind, act)
-        got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(params, x, target)
-        want = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(params, x, target)
+        got, want = jax.jit(  # one program for both: one compile
+            lambda *a: tuple(jax.value_and_grad(f, argnums=(0, 1))(*a) for f in (ours, ref))
+        )(params, x, target)
         assert_tree_close(got, want, dtype)
 
 
 def test_mlp_grad_of_grad_and_final_activation():
     with jax.enable_x64(True):
-        params = jl.mlp_init(jax.random.key(3), (3, 4, 2), dtype=jnp.float64)
+        params = mlp_params(3, (3, 4, 2), dtype=jnp.float64)
         x = normal(jax.random.key(4), (5, 3), jnp.float64)
 
         def ours(p):
@@ -99,9 +107,9 @@ def test_mlp_grad_of_grad_and_final_activation():
 @pytest.mark.parametrize("device", backend_params())
 def test_mlp_on_every_backend(device):
     with jax.default_matmul_precision("highest"), jax.default_device(device):
-        params = jax.device_put(jl.mlp_init(jax.random.key(5), (8, 16, 4)), device)
+        params = jax.device_put(mlp_params(5, (8, 16, 4)), device)
         x = jax.device_put(normal(jax.random.key(6), (10, 8), jnp.float32), device)
-        labels = jax.device_put(jax.random.randint(jax.random.key(7), (10,), 0, 4), device)
+        labels = jax.device_put(int_labels(7, (10,), 4), device)
         ours, ref = losses("xent", "relu")
         assert_tree_close(
             jax.jit(jax.grad(ours))(params, x, labels),

@@ -28,7 +28,15 @@ from jaxlinear import (
     mlp_init,
     per_example_grad_norms,
 )
-from tests.helpers import assert_close, assert_tree_close, dtype_context, normal, plain_linear
+from tests.helpers import (
+    assert_close,
+    assert_tree_close,
+    dtype_context,
+    int_labels,
+    mlp_params,
+    normal,
+    plain_linear,
+)
 
 F32, F64 = jnp.float32, jnp.float64
 CLIP = 0.7  # below the typical norm here (~1-3), so most examples are clipped
@@ -124,7 +132,7 @@ CASES = [
 def test_mlp_matches_vmap_grad(arch, bias, seq, dtype):
     sizes, activation = ARCHS[arch]
     with dtype_context(dtype):
-        params = mlp_init(jax.random.key(0), sizes, bias=bias, dtype=dtype, init="pytorch")
+        params = mlp_params(0, sizes, bias=bias, dtype=dtype, init="pytorch")
         batch = data(jax.random.key(1), 5, seq, sizes, dtype)
         norms, _ = check_against_reference(mlp_loss(activation), params, batch, dtype)
         assert norms.shape == (5,)
@@ -136,7 +144,7 @@ def test_mlp_matches_vmap_grad(arch, bias, seq, dtype):
 
 @pytest.mark.parametrize("seq", [(), (4,)], ids=["flat", "seq4"])
 def test_out_in_layout_and_tanh(seq):
-    params = mlp_init(jax.random.key(2), (4, 6, 2), layout="out_in", init="pytorch")
+    params = mlp_params(2, (4, 6, 2), layout="out_in", init="pytorch")
     check_against_reference(
         mlp_loss(jaxlinear.tanh), params, data(jax.random.key(3), 6, seq, (4, 2), F32), F32
     )
@@ -144,7 +152,7 @@ def test_out_in_layout_and_tanh(seq):
 
 @pytest.mark.parametrize("seq", [(), (3,)], ids=["flat", "seq3"])
 def test_batch_of_one(seq):
-    params = mlp_init(jax.random.key(4), (4, 5, 2), init="pytorch")
+    params = mlp_params(4, (4, 5, 2), init="pytorch")
     norms, _ = check_against_reference(
         mlp_loss(), params, data(jax.random.key(5), 1, seq, (4, 2), F32), F32
     )
@@ -154,7 +162,7 @@ def test_batch_of_one(seq):
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 def test_empty_batch_gives_no_norms_and_zero_gradients(dtype):
     with dtype_context(dtype):
-        params = mlp_init(jax.random.key(6), (4, 5, 2), dtype=dtype)
+        params = mlp_params(6, (4, 5, 2), dtype=dtype)
         batch = data(jax.random.key(7), 0, (), (4, 2), dtype)
         norms = per_example_grad_norms(mlp_loss(), params, batch)
         grads, norms2 = jax.jit(lambda p, b: clipped_grad(mlp_loss(), p, b, 1.0))(params, batch)
@@ -168,9 +176,9 @@ def test_empty_batch_gives_no_norms_and_zero_gradients(dtype):
 def test_per_example_cross_entropy_from_the_library():
     """Per-example losses from softmax_cross_entropy(..., reduction="none"), and the
     same losses from the mean-reduced rule vmapped over single rows."""
-    params = mlp_init(jax.random.key(8), (6, 16, 4), init="he_normal")
+    params = mlp_params(8, (6, 16, 4), init="he_normal")
     x = normal(jax.random.key(9), (7, 6), F32)
-    labels = jax.random.randint(jax.random.key(10), (7,), 0, 4)
+    labels = int_labels(10, (7,), 4)
 
     def loss_fn(params, batch):
         x, labels = batch
@@ -187,7 +195,7 @@ def test_per_example_cross_entropy_from_the_library():
 
 def test_matches_materialised_gradients_of_the_plain_formula():
     """Independent of jaxlinear's own backward: per-example gradients of an einsum MLP."""
-    params = mlp_init(jax.random.key(11), (5, 6, 3), init="pytorch")
+    params = mlp_params(11, (5, 6, 3), init="pytorch")
     batch = data(jax.random.key(12), 4, (3,), (5, 3), F32)
 
     def plain_loss(params, batch):
@@ -232,7 +240,7 @@ def test_parameter_bias_with_a_fixed_weight():
 
 
 def test_unused_float_leaf_gets_a_zero_gradient():
-    params = {"mlp": mlp_init(jax.random.key(17), (3, 2)), "unused": jnp.ones(5)}
+    params = {"mlp": mlp_params(17, (3, 2)), "unused": jnp.ones(5)}
 
     def loss_fn(params, batch):
         return mlp_loss()(params["mlp"], batch)
@@ -243,7 +251,7 @@ def test_unused_float_leaf_gets_a_zero_gradient():
 
 
 def test_stop_gradient_use_is_not_a_gradient_path():
-    params = mlp_init(jax.random.key(19), (3, 4, 2))
+    params = mlp_params(19, (3, 4, 2))
 
     def loss_fn(params, batch):
         penalty = jnp.sum(jax.lax.stop_gradient(params[0].W) ** 2)
@@ -254,7 +262,7 @@ def test_stop_gradient_use_is_not_a_gradient_path():
 
 def test_bfloat16_with_float32_accumulation_keeps_dtypes():
     tol_dtype = jnp.bfloat16
-    params = mlp_init(jax.random.key(21), (6, 8, 3), dtype=jnp.bfloat16, init="pytorch")
+    params = mlp_params(21, (6, 8, 3), dtype=jnp.bfloat16, init="pytorch")
     x, t = data(jax.random.key(22), 5, (), (6, 3), jnp.bfloat16)
 
     def loss_fn(params, batch):
@@ -276,7 +284,7 @@ def test_bfloat16_with_float32_accumulation_keeps_dtypes():
 
 
 def test_large_clip_gives_the_ordinary_mean_gradient():
-    params = mlp_init(jax.random.key(23), (4, 6, 2))
+    params = mlp_params(23, (4, 6, 2))
     batch = data(jax.random.key(24), 6, (), (4, 2), F32)
     (grads, norms), expected = jax.jit(
         lambda p: (
@@ -289,7 +297,7 @@ def test_large_clip_gives_the_ordinary_mean_gradient():
 
 
 def test_tiny_clip_bounds_the_mean_by_the_clip():
-    params = mlp_init(jax.random.key(25), (4, 6, 2))
+    params = mlp_params(25, (4, 6, 2))
     batch = data(jax.random.key(26), 6, (), (4, 2), F32)
     C = 1e-3
     grads, norms = jax.jit(lambda p: clipped_grad(mlp_loss(), p, batch, C))(params)
@@ -300,7 +308,7 @@ def test_tiny_clip_bounds_the_mean_by_the_clip():
 
 def test_examples_with_zero_gradient_are_finite_and_unscaled():
     """A mask zeroes some losses (as Poisson-sampled DP-SGD does): norms 0, no NaN."""
-    params = mlp_init(jax.random.key(27), (4, 6, 2))
+    params = mlp_params(27, (4, 6, 2))
     x, t = data(jax.random.key(28), 6, (), (4, 2), F32)
     mask = jnp.array([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
 
@@ -317,7 +325,7 @@ def test_examples_with_zero_gradient_are_finite_and_unscaled():
 
 
 def test_jit_does_not_retrace_and_accepts_a_traced_clip():
-    params = mlp_init(jax.random.key(29), (4, 6, 2))
+    params = mlp_params(29, (4, 6, 2))
     batch = data(jax.random.key(30), 6, (), (4, 2), F32)
     traces = []
 
@@ -351,7 +359,7 @@ def test_vmap_over_an_ensemble_of_parameters():
 
 
 def test_an_optax_step_inside_scan():
-    params = mlp_init(jax.random.key(33), (4, 6, 2))
+    params = mlp_params(33, (4, 6, 2))
     xs, ts = data(jax.random.key(34), 3 * 5, (), (4, 2), F32)
     batches = (xs.reshape(3, 5, 4), ts.reshape(3, 5, 2))
     tx = optax.sgd(0.1)
@@ -375,7 +383,7 @@ def test_an_optax_step_inside_scan():
 
 # --- refusals ----------------------------------------------------------------------------
 
-PARAMS = mlp_init(jax.random.key(40), (3, 4, 2))
+PARAMS = mlp_params(40, (3, 4, 2))
 BATCH = (jnp.ones((5, 3)), jnp.zeros((5, 2)))
 
 
@@ -552,7 +560,7 @@ def test_batch_sharded_across_devices(axis_type):
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,), devices=jax.devices("cpu")[:8])
-    params = mlp_init(jax.random.key(50), (6, 16, 3))
+    params = mlp_params(50, (6, 16, 3))
     batch = data(jax.random.key(51), 16, (), (6, 3), F32)
     step = jax.jit(lambda p, b: clipped_grad(mlp_loss(), p, b, CLIP))
     ref_grads, ref_norms = step(params, batch)

@@ -31,6 +31,10 @@ from tests.helpers import (
     take,
 )
 
+# Slow (checkpoint policies and control flow compile many programs): not in the quick
+# subset, -m "not slow".
+pytestmark = pytest.mark.slow
+
 F32 = jnp.float32
 POLICIES = jax.checkpoint_policies
 SIZES = (6, 5, 4, 3)  # an MLP block: two tanh hidden layers, then a linear output

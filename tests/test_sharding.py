@@ -35,12 +35,17 @@ F32 = jnp.float32
 NUM_DEVICES = 8
 CPUS = jax.devices("cpu")
 
-pytestmark = pytest.mark.skipif(
-    len(CPUS) < NUM_DEVICES,
-    reason=f"needs {NUM_DEVICES} CPU devices: run with "
-    f"XLA_FLAGS=--xla_force_host_platform_device_count={NUM_DEVICES} (tests/conftest.py "
-    "sets it unless XLA_FLAGS already names a device count)",
-)
+pytestmark = [
+    # Slow (programs partitioned over eight simulated devices): not in the quick subset,
+    # -m "not slow".
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        len(CPUS) < NUM_DEVICES,
+        reason=f"needs {NUM_DEVICES} CPU devices: run with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={NUM_DEVICES} (tests/conftest.py "
+        "sets it unless XLA_FLAGS already names a device count)",
+    ),
+]
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 #: XLA:CPU's pass that merges independent all-reduces into one tuple all-reduce.
