@@ -7,7 +7,11 @@
   workers the tests start as subprocesses inherit it through the environment,
   so a program compiled once (the digits MLP's epoch, a worker's train step) is
   not compiled again by the next process. Every program is still compiled in
-  full the first time; a directory set by the caller is used and kept.
+  full the first time; a directory set by the caller is used and kept. JAX
+  writes an entry in place, so a process may read one still being written: it
+  warns and compiles the program itself. That warning is ignored here
+  (pyproject.toml) and in the subprocesses the tests start with ``-W error``
+  (``tests/helpers.py``'s ``CACHE_WARNINGS``).
 * No test may leak JAX configuration (x64 is only ever switched on with the
   ``jax.enable_x64`` context manager).
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -41,13 +42,17 @@ def _pytorch(key, fan_in, fan_out, dtype):
 
 
 #: Named initialisers: ``name -> f(key, fan_in, fan_out, dtype) -> (W_in_out, b | None)``.
-#: ``b=None`` from an initialiser means a zero bias.
-INITS: dict[str, Callable] = {
-    "lecun_normal": _lecun_normal,
-    "he_normal": _he_normal,
-    "glorot_uniform": _glorot_uniform,
-    "pytorch": _pytorch,
-}
+#: ``b=None`` from an initialiser means a zero bias. Read-only: a named initialiser
+#: is compiled once per configuration (see ``_draw_named``), so it may not change;
+#: pass a callable as ``init`` for another one.
+INITS: Mapping[str, Callable] = types.MappingProxyType(
+    {
+        "lecun_normal": _lecun_normal,
+        "he_normal": _he_normal,
+        "glorot_uniform": _glorot_uniform,
+        "pytorch": _pytorch,
+    }
+)
 
 
 def linear_init(

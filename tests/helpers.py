@@ -12,6 +12,14 @@ import pytest
 from jaxlinear.check import tolerance_for
 
 DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
+# After ``-W error`` on a subprocess's command line: the shared compilation cache's
+# read-while-written warning (see conftest.py) stays a warning, all else an error.
+CACHE_WARNINGS = (
+    "-W",
+    "ignore:Error reading persistent compilation cache entry",
+    "-W",
+    "ignore:Error writing persistent compilation cache entry",
+)
 DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
 PLATFORMS = ("cpu", "gpu", "tpu")
 

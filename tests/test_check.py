@@ -20,11 +20,10 @@ from jaxlinear.check import (
     tolerance_for,
     unit_roundoff,
 )
-from tests.test_check_catalogue import LIBRARY_RULES as CATALOGUE_LIBRARY_RULES
+from tests.test_check_catalogue import LIBRARY_RULES as CATALOGUE_LIBRARY_RULES, ROW_CHECKS
 
 CPU = jax.devices("cpu")
 CPU0 = CPU[:1]
-ROW_CHECKS = {"forward", "reference", "fd-element", "fd-direction", "vmap", "dtype", "retrace"}
 VARIANTS_X = {"args", "x[:1]", "stack(x,x[::-1])", "-args", "4*args"}
 
 

@@ -350,6 +350,8 @@ CATALOGUE = [
           options={"checks": ("reference",), "dtypes": [F16]}),
 ]  # fmt: skip
 
+# Every check check_vjp runs on a library rule (test_check asserts the same of the others).
+ROW_CHECKS = {"forward", "reference", "fd-element", "fd-direction", "vmap", "dtype", "retrace"}
 LIBRARY_RULES = (
     "linear in_out bias x(5, 6)",
     "tanh z(4, 5)",
@@ -405,6 +407,8 @@ def test_correct_rules_never_fail(entry):
     assert {r.dtype for r in report.rows} == {F64, F32, BF16, F16}
     variants = {r.variant for r in report.rows}
     assert {"args", "-args", "4*args"} <= variants and len(variants) >= 4
+    if entry.name.startswith("jaxlinear: "):
+        assert ROW_CHECKS <= {r.check for r in report.rows} <= ROW_CHECKS | {"explore"}
 
 
 def test_the_catalogue_is_published():

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import CACHE_WARNINGS
 from tests.test_examples import EXAMPLES, ROOT, TIMEOUT_S, _env, printed
 
 # Small and fast: 3 epochs of a 64-32-10 MLP, interrupted after epoch 1.
@@ -43,7 +44,17 @@ print("orbax imported:", any(name.split(".")[0] == "orbax" for name in sys.modul
 def _start(npz, *args: str) -> subprocess.Popen:
     """Start train_digits.py with ``args``; its parameters will go to ``npz``."""
     return subprocess.Popen(
-        [sys.executable, "-W", "error", "-c", DRIVER, str(EXAMPLES), str(npz), *args],
+        [
+            sys.executable,
+            "-W",
+            "error",
+            *CACHE_WARNINGS,
+            "-c",
+            DRIVER,
+            str(EXAMPLES),
+            str(npz),
+            *args,
+        ],
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.PIPE,

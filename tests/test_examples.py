@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from jax import lax
 
+from tests.helpers import CACHE_WARNINGS
+
 # Slow (the examples run end to end): not in the quick subset, -m "not slow".
 pytestmark = pytest.mark.slow
 
@@ -59,7 +61,7 @@ def _env() -> dict[str, str]:
 def python(*args: str) -> subprocess.CompletedProcess:
     """``python -W error ARGS`` from the repository root, without the simulated devices."""
     return subprocess.run(
-        [sys.executable, "-W", "error", *args],
+        [sys.executable, "-W", "error", *CACHE_WARNINGS, *args],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -86,7 +88,7 @@ def run_example(name: str, *args: str, expect_rc: int = 0) -> subprocess.Complet
 PROBE_DRIVER = """
 import contextlib, io, json, runpy, sys
 script, probes = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, str(__import__("pathlib").Path(script).parent))
+sys.path[0] = str(__import__("pathlib").Path(script).parent)  # as `python SCRIPT` has it
 results = []
 for argv in probes:
     out, err, code = io.StringIO(), io.StringIO(), 0
@@ -96,6 +98,8 @@ for argv in probes:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as exit:
             code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            if not isinstance(exit.code, (int, type(None))):
+                print(exit.code, file=sys.stderr)  # what the interpreter prints
     results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
 print(json.dumps(results))
 """
