@@ -170,6 +170,11 @@ def _broadcast_bias(b: Array, shape: tuple[int, ...], dtype, k: int) -> Array:
     return lax.broadcast_in_dim(b.astype(dtype), shape, dims)
 
 
+def _add_bias(y: Array, b: Array | None, k: int = 0) -> Array:
+    """y + b, b ``(*E, out)`` broadcast explicitly to y; y itself when there is no b."""
+    return y if b is None else lax.add(y, _broadcast_bias(b, y.shape, y.dtype, k))
+
+
 def _forward(x, W, b, *, layout, precision, preferred_element_type, k=0):
     """y = x W + b as one ``dot_general`` and an explicitly broadcast add."""
     y = lax.dot_general(
@@ -179,9 +184,7 @@ def _forward(x, W, b, *, layout, precision, preferred_element_type, k=0):
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    if b is not None:
-        y = lax.add(y, _broadcast_bias(b, y.shape, y.dtype, k))
-    return y
+    return _add_bias(y, b, k)
 
 
 def _backward(g, x, W, *, layout, precision, k=0, need=(True, True, True), x_aval, W_aval):
@@ -392,13 +395,10 @@ class Linear(Rule):
             return self(x, W, b), self  # recompute the whole layer
         product = self._again(x, W, None)
 
-        def with_bias(z, b):
-            return z if b is None else lax.add(z, _broadcast_bias(b, z.shape, z.dtype, self.k))
-
         def recompute(x, W, b):  # the saved product, with the tangent of a fresh one
-            return with_bias(primal_left_tangent_right(product, self._again(x, W, None)), b)
+            return _add_bias(primal_left_tangent_right(product, self._again(x, W, None)), b, self.k)
 
-        return with_bias(product, b), recompute
+        return _add_bias(product, b, self.k), recompute
 
     # -- batching: x gains a row axis, W an ensemble axis, b is added ----------------------
     def batch(self, axis_data, args, dims):
@@ -413,7 +413,7 @@ class Linear(Rule):
                 y, dy = self.batch(axis_data, (x, W, None), (dx, None, None))
             y = _at_axis(y, dy, k, size)
             b = jnp.moveaxis(b, db, k)
-            return lax.add(y, _broadcast_bias(b, y.shape, y.dtype, k + 1)), k
+            return _add_bias(y, b, k + 1), k
         if dW is None:  # a batched x is one more row axis
             return self._again(jnp.moveaxis(x, dx, k), W, b), k
         # A batched W is one more ensemble axis (a dot_general batch dimension).
@@ -449,9 +449,7 @@ def _linear(layout, precision, preferred_element_type, has_bias, x, W, b):
 _product_eager = jax.jit(_linear, static_argnums=(0, 1, 2, 3))
 
 
-@jax.jit
-def _add_bias_eager(y: Array, b: Array) -> Array:
-    return lax.add(y, _broadcast_bias(b, y.shape, y.dtype, 0))
+_add_bias_eager = jax.jit(_add_bias, static_argnums=2)
 
 
 def _linear_eager(layout, precision, preferred_element_type, x, W, b):

@@ -42,7 +42,7 @@ def _rng(key, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([*data, stream])
 
 
-def _np_normal(key, shape, dtype, scale, stream):
+def _host_normal(key, shape, dtype, scale, stream):
     """Standard-normal draws in float32, scaled, then rounded to ``dtype`` on the
     host (NumPy's bfloat16 and float16 round to nearest even, as XLA does), so no
     conversion program is compiled per shape either."""
@@ -53,7 +53,7 @@ def _np_normal(key, shape, dtype, scale, stream):
 def normal(key, shape, dtype, scale=1.0, *, stream: int = 0):
     """Standard-normal draws in float32, scaled, then cast (the same values up to
     rounding whatever the dtype)."""
-    return jnp.asarray(_np_normal(key, shape, dtype, scale, stream))
+    return jnp.asarray(_host_normal(key, shape, dtype, scale, stream))
 
 
 def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, bias):
@@ -61,10 +61,10 @@ def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, 
     from jaxlinear import LinearParams
 
     kx, kw, kb = key, key, key  # three independent streams of one generator seed
-    W = _np_normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features), 1)
+    W = _host_normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features), 1)
     if layout == "out_in":
         W = np.ascontiguousarray(W.T)
-    b = jnp.asarray(_np_normal(kb, (out_features,), dtype, 1.0, 2)) if bias else None
+    b = jnp.asarray(_host_normal(kb, (out_features,), dtype, 1.0, 2)) if bias else None
     x = normal(kx, tuple(batch) + (in_features,), dtype, stream=3)
     return LinearParams(jnp.asarray(W), b, layout), x
 
@@ -89,6 +89,12 @@ def assert_tree_close(actual, expected, dtype, kind="autodiff"):
         assert a.shape == e.shape, f"leaf {i}: shape {a.shape} vs {e.shape}"
         assert a.dtype == e.dtype, f"leaf {i}: dtype {a.dtype} vs {e.dtype}"
         assert_close(a, e, dtype, kind, err_msg=f"leaf {i}")
+
+
+def compiled_once(fn, cases):
+    """``fn(*case)`` for every case, all in one compiled program (one compile, not one
+    per case, when the cases differ only in shape)."""
+    return jax.jit(lambda cases: [fn(*case) for case in cases])(cases)
 
 
 def take(tree, i):

@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_close,
     assert_tree_close,
     backend_params,
+    compiled_once,
     dtype_context,
     int_labels,
     normal,
@@ -39,12 +40,6 @@ def plain_mse(y, t):
 
 def plain_xent(logits, labels):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-def compiled_once(fn, cases):
-    """``fn(*case)`` for every case, all in one compiled program (one compile, not one
-    per case: the cases differ only in shape)."""
-    return jax.jit(lambda cases: [fn(*case) for case in cases])(cases)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

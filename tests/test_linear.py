@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_close,
     assert_tree_close,
     backend_params,
+    compiled_once,
     dtype_context,
     normal,
     np_layer,
@@ -55,11 +56,10 @@ def test_vjp_matches_autodiff(layout, dtype):
             )
             cases.append((params, x, normal(jax.random.key(1), batch + (4,), dtype)))
 
-        def program(cases):  # the VJP against autodiff, and the public backward
-            backward = functools.partial(linear_backward, layout=layout)
-            return [(vjp_both(p, x, g), backward(g, x, p.W)) for p, x, g in cases]
+        def both(p, x, g):  # the VJP against autodiff, and the public backward
+            return vjp_both(p, x, g), linear_backward(g, x, p.W, layout=layout)
 
-        results = jax.jit(program)(cases)
+        results = compiled_once(both, cases)
         for (bias, batch), (((y1, (dp1, dx1)), (y2, (dp2, dx2))), backward) in zip(
             configs, results, strict=True
         ):
@@ -233,7 +233,7 @@ def test_eager_calls_equal_the_jitted_primitive_exactly(dtype, preferred):
             for layout, bias, batch in configs
         ]
         apply = functools.partial(linear_apply, preferred_element_type=preferred)
-        every_traced = jax.jit(lambda cases: [apply(*case) for case in cases])(cases)
+        every_traced = compiled_once(apply, cases)
         every_eager = [apply(*case) for case in cases]
     for config, case, traced, eager in zip(configs, cases, every_traced, every_eager, strict=True):
         assert eager.dtype == traced.dtype == (preferred or dtype)
