@@ -486,7 +486,8 @@ def per_example_grad_norms(loss_fn: Callable[[Any, Any], Array], params: Any, ba
         >>> def loss_fn(params, batch):
         ...     x, t = batch
         ...     return 0.5 * jnp.sum((jaxlinear.mlp_apply(params, x) - t) ** 2, axis=-1)
-        >>> jaxlinear.per_example_grad_norms(loss_fn, params, (x, t)).shape
+        >>> norms_of = jax.jit(jaxlinear.per_example_grad_norms, static_argnums=0)
+        >>> norms_of(loss_fn, params, (x, t)).shape
         (5,)
     """
     plan = _plan(loss_fn, params, batch)
@@ -544,7 +545,8 @@ def clipped_grad(
         ...     x, t = batch
         ...     return 0.5 * jnp.sum((jaxlinear.mlp_apply(params, x) - t) ** 2, axis=-1)
         >>> batch = (jnp.ones((5, 3)), jnp.zeros((5, 2)))
-        >>> grads, norms = jaxlinear.clipped_grad(loss_fn, params, batch, 0.1)
+        >>> clipped = jax.jit(jaxlinear.clipped_grad, static_argnums=0)  # one program
+        >>> grads, norms = clipped(loss_fn, params, batch, 0.1)
         >>> bool(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))) <= 0.1 + 1e-6)
         True
     """

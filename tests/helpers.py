@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,15 @@ CACHE_WARNINGS = (
 )
 DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
 PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def needs(*modules: str, reason: str):
+    """A skip mark for a test module whose code needs ``modules`` (an optional extra).
+
+    Looked up without importing them: every pytest-xdist worker collects every
+    file, and importing scikit-learn there would cost each worker about 1.5 s."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{reason} (missing: {', '.join(missing)})")
 
 
 @contextlib.contextmanager
@@ -50,10 +60,27 @@ def _host_normal(key, shape, dtype, scale, stream):
     return (np.float32(scale) * draws).astype(jnp.dtype(dtype))
 
 
+def host(a, dtype=None):
+    """``a`` (an array or nested list) made on the host, as a jax.Array: ``jax.device_put``
+    compiles nothing, where ``jnp.asarray``, ``jnp.array``, ``jnp.ones`` and ``astype``
+    each compile a small program per shape and dtype."""
+    return jax.device_put(np.asarray(a, dtype))
+
+
+def ones(shape, dtype=np.float32):
+    """``jnp.ones`` made on the host (see :func:`host`)."""
+    return host(np.ones(shape, dtype))
+
+
+def cast(tree, dtype):
+    """Every leaf of ``tree`` converted to ``dtype`` on the host (see :func:`host`)."""
+    return jax.tree.map(lambda a: host(np.asarray(a).astype(dtype)), tree)
+
+
 def normal(key, shape, dtype, scale=1.0, *, stream: int = 0):
     """Standard-normal draws in float32, scaled, then cast (the same values up to
     rounding whatever the dtype)."""
-    return jnp.asarray(_host_normal(key, shape, dtype, scale, stream))
+    return host(_host_normal(key, shape, dtype, scale, stream))
 
 
 def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, bias):
@@ -64,9 +91,9 @@ def well_scaled_linear(key, in_features, out_features, batch, dtype, *, layout, 
     W = _host_normal(kw, (in_features, out_features), dtype, 1.0 / np.sqrt(in_features), 1)
     if layout == "out_in":
         W = np.ascontiguousarray(W.T)
-    b = jnp.asarray(_host_normal(kb, (out_features,), dtype, 1.0, 2)) if bias else None
+    b = host(_host_normal(kb, (out_features,), dtype, 1.0, 2)) if bias else None
     x = normal(kx, tuple(batch) + (in_features,), dtype, stream=3)
-    return LinearParams(jnp.asarray(W), b, layout), x
+    return LinearParams(host(W), b, layout), x
 
 
 def assert_close(actual, expected, dtype, kind="autodiff", err_msg=""):
@@ -138,16 +165,16 @@ def np_normal(seed, shape, scale=1.0):
     """float32 N(0, scale²) draws from NumPy, the same for a given seed (no threefry
     kernel compiled per shape, which costs more CPU than small tests themselves)."""
     rng = np.random.default_rng(seed)
-    return jnp.asarray(float(scale) * rng.standard_normal(shape, dtype=np.float32))
+    return host(float(scale) * rng.standard_normal(shape, dtype=np.float32))
 
 
 def np_layer(seed, n_in, n_out, layout="in_out"):
     """Well-scaled parameters from NumPy: W ~ N(0, 1/n_in), b ~ N(0, 1/4) (nonzero)."""
     from jaxlinear import LinearParams
 
-    W = np_normal(seed, (n_in, n_out), 1 / np.sqrt(n_in))
+    W = np.asarray(np_normal(seed, (n_in, n_out), 1 / np.sqrt(n_in)))
     return LinearParams(
-        W if layout == "in_out" else W.T, np_normal(seed + 1, (n_out,), 0.5), layout
+        host(W if layout == "in_out" else W.T), np_normal(seed + 1, (n_out,), 0.5), layout
     )
 
 
@@ -170,8 +197,8 @@ def mlp_params(seed, sizes, *, dtype=jnp.float32, layout="in_out", bias=True, in
         b = rng.uniform(-1, 1, n_out) / np.sqrt(n_in) if bias else None
         layers.append(
             LinearParams(
-                jnp.asarray(W if layout == "in_out" else np.ascontiguousarray(W.T)),
-                None if b is None else jnp.asarray(b.astype(jnp.dtype(dtype))),
+                host(W if layout == "in_out" else np.ascontiguousarray(W.T)),
+                None if b is None else host(b.astype(jnp.dtype(dtype))),
                 layout,
             )
         )
@@ -180,4 +207,4 @@ def mlp_params(seed, sizes, *, dtype=jnp.float32, layout="in_out", bias=True, in
 
 def int_labels(seed, shape, classes):
     """Integer class labels in [0, classes), drawn on the host."""
-    return jnp.asarray(np.random.default_rng(seed).integers(0, classes, shape, dtype=np.int32))
+    return host(np.random.default_rng(seed).integers(0, classes, shape, dtype=np.int32))

@@ -29,16 +29,19 @@ import pytest
 
 import jaxlinear as jl
 from jaxlinear import LinearParams
-from tests.helpers import assert_tree_close
+from tests.helpers import assert_tree_close, cast, host, ones
 
-W = jnp.ones((3, 4))
-b = jnp.ones(4)
-x = jnp.ones((2, 3))
+W = ones((3, 4))
+b = ones(4)
+x = ones((2, 3))
 P = LinearParams(W, b)
 KEY = jax.random.key(0)
-MLP = (LinearParams(jnp.ones((3, 4)) / 3, jnp.zeros(4)), LinearParams(jnp.ones((4, 2)) / 4))
-BATCH = (jnp.ones((5, 3)), jnp.zeros((5, 2)))
-LABELS = jnp.array([0, 1])
+MLP = (
+    LinearParams(host(np.ones((3, 4), np.float32) / np.float32(3)), host(np.zeros(4, np.float32))),
+    LinearParams(host(np.ones((4, 2), np.float32) / np.float32(4))),
+)
+BATCH = (ones((5, 3)), host(np.zeros((5, 2), np.float32)))
+LABELS = host([0, 1], np.int32)
 
 
 def per_example_losses(params, batch):
@@ -64,12 +67,12 @@ class Bad:
 
 
 def _all_nan(tree) -> bool:
-    return all(bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(tree))
+    return all(bool(np.all(np.isnan(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
 
 
 def _grads_all_nan(result) -> bool:
     grads, norms = result
-    return _all_nan(grads) and bool(jnp.all(jnp.isfinite(norms)))
+    return _all_nan(grads) and bool(np.all(np.isfinite(np.asarray(norms))))
 
 
 def _clipped(l2_clip):
@@ -87,11 +90,16 @@ KEYS = [
     Bad("linear_init key None", lambda k: jl.linear_init(k, 3, 2), (None,), match="`key`"),
     Bad("linear_init key int", lambda k: jl.linear_init(k, 3, 2), (0,), match="`key`"),
     Bad("linear_init key str", lambda: jl.linear_init("seed", 3, 2), match="`key`"),
-    Bad("linear_init key float", lambda k: jl.linear_init(k, 3, 2), (jnp.zeros(2),), match="`key`"),
+    Bad(
+        "linear_init key float",
+        lambda k: jl.linear_init(k, 3, 2),
+        (host(np.zeros(2, np.float32)),),
+        match="`key`",
+    ),
     Bad(
         "linear_init raw key of 3 words",
         lambda k: jl.linear_init(k, 3, 2),
-        (jnp.zeros(3, jnp.uint32),),
+        (host(np.zeros(3, np.uint32)),),
         ValueError,
         "`key`",
     ),
@@ -156,29 +164,34 @@ LINEAR = [
     Bad("params None", lambda v: jl.linear_apply(None, v), (x,), match="`params`"),
     Bad("W None", lambda v: jl.linear_apply(LinearParams(None), v), (x,), match="`W`"),
     Bad("W 1-D", lambda w, v: jl.linear_apply(LinearParams(w), v), (b, x), ValueError, "`W` must"),
-    Bad("W complex", lambda w, v: jl.linear_apply(LinearParams(w), v), (W * 1j, x), match="`W`"),
+    Bad(
+        "W complex",
+        lambda w, v: jl.linear_apply(LinearParams(w), v),
+        (host(np.full((3, 4), 1j, np.complex64)), x),
+        match="`W`",
+    ),
     Bad(
         "b of the wrong shape",
         lambda w, c, v: jl.linear_apply(LinearParams(w, c), v),
-        (W, jnp.ones(3), x),
+        (W, ones(3), x),
         ValueError,
         "`b` must have shape",
     ),
     Bad("x None", lambda p: jl.linear_apply(p, None), (P,), match="`x`"),
     Bad("x str", lambda p: jl.linear_apply(p, "abc"), (P,), match="`x`"),
-    Bad("x int", lambda p, v: jl.linear_apply(p, v), (P, jnp.ones((2, 3), int)), match="`x`"),
-    Bad("x scalar", lambda p, v: jl.linear_apply(p, v), (P, jnp.ones(())), ValueError, "`x` must"),
+    Bad("x int", lambda p, v: jl.linear_apply(p, v), (P, ones((2, 3), np.int32)), match="`x`"),
+    Bad("x scalar", lambda p, v: jl.linear_apply(p, v), (P, ones(())), ValueError, "`x` must"),
     Bad(
         "x feature size",
         lambda p, v: jl.linear_apply(p, v),
-        (P, jnp.ones((2, 5))),
+        (P, ones((2, 5))),
         ValueError,
         "`x.shape[-1]` (=5)",
     ),
     Bad(
         "x bfloat16 with float32 W",
         lambda p, v: jl.linear_apply(p, v),
-        (P, x.astype(jnp.bfloat16)),
+        (P, cast(x, jnp.bfloat16)),
         match="`x`, `W`, `b` must share one dtype",
     ),
     Bad(
@@ -217,7 +230,7 @@ LINEAR = [
     Bad(
         "preferred_element_type float16 for bfloat16",
         lambda p, v: jl.linear_apply(p, v, preferred_element_type=jnp.float16),
-        jax.tree.map(lambda a: a.astype(jnp.bfloat16), (P, x)),
+        cast((P, x), jnp.bfloat16),
         ValueError,
         "holds every bfloat16 operand value exactly",
     ),
@@ -231,27 +244,27 @@ LINEAR = [
     Bad(
         "linear_backward grad_out shape",
         lambda g, v, w: jl.linear_backward(g, v, w),
-        (jnp.ones((2, 3)), x, W),
+        (ones((2, 3)), x, W),
         ValueError,
         "`grad_out` must have the shape",
     ),
     Bad(
         "linear_backward grad_out int",
         lambda g, v, w: jl.linear_backward(g, v, w),
-        (jnp.ones((2, 4), int), x, W),
+        (ones((2, 4), np.int32), x, W),
         match="`grad_out` must have a real floating dtype",
     ),
     Bad(
         "linear_backward layout",
         lambda g, v, w: jl.linear_backward(g, v, w, layout="OI"),
-        (jnp.ones((2, 4)), x, W),
+        (ones((2, 4)), x, W),
         ValueError,
         "`layout` must be one of",
     ),
     Bad(
         "linear_backward precision",
         lambda g, v, w: jl.linear_backward(g, v, w, precision="fast"),
-        (jnp.ones((2, 4)), x, W),
+        (ones((2, 4)), x, W),
         ValueError,
         "`precision` must be",
     ),
@@ -260,9 +273,19 @@ LINEAR = [
 ACTIVATIONS = [
     Bad("relu None", lambda: jl.relu(None), match="`z`"),
     Bad("relu str", lambda: jl.relu("abc"), match="`z`"),
-    Bad("sigmoid int", lambda z: jl.sigmoid(z), (jnp.arange(3),), match="`z` must have a real"),
-    Bad("tanh complex", lambda z: jl.tanh(z), (jnp.ones(3) * 1j,), match="`z` must have a real"),
-    Bad("relu bool", lambda z: jl.relu(z), (jnp.ones(3, bool),), match="`z` must have a real"),
+    Bad(
+        "sigmoid int",
+        lambda z: jl.sigmoid(z),
+        (host(np.arange(3, dtype=np.int32)),),
+        match="`z` must have a real",
+    ),
+    Bad(
+        "tanh complex",
+        lambda z: jl.tanh(z),
+        (host(np.full(3, 1j, np.complex64)),),
+        match="`z` must have a real",
+    ),
+    Bad("relu bool", lambda z: jl.relu(z), (ones(3, bool),), match="`z` must have a real"),
 ]
 
 LOSSES = [
@@ -270,13 +293,13 @@ LOSSES = [
     Bad(
         "mse dtypes",
         lambda y, t: jl.mse_loss(y, t),
-        (x, x.astype(jnp.float16)),
+        (x, cast(x, jnp.float16)),
         match="`y`, `t` must share one dtype",
     ),
     Bad("mse t None", lambda y: jl.mse_loss(y, None), (x,), match="`t`"),
-    Bad("mse y int", lambda y: jl.mse_loss(y, y), (jnp.ones((2, 3), int),), match="`y`"),
-    Bad("mse y scalar", lambda y: jl.mse_loss(y, y), (jnp.ones(()),), ValueError, "`y` must"),
-    Bad("mse no rows", lambda y: jl.mse_loss(y, y), (jnp.ones((0, 3)),), ValueError, "no rows"),
+    Bad("mse y int", lambda y: jl.mse_loss(y, y), (ones((2, 3), np.int32),), match="`y`"),
+    Bad("mse y scalar", lambda y: jl.mse_loss(y, y), (ones(()),), ValueError, "`y` must"),
+    Bad("mse no rows", lambda y: jl.mse_loss(y, y), (ones((0, 3)),), ValueError, "no rows"),
     Bad(
         "mse reduction 'avg'",
         lambda y: jl.mse_loss(y, y, reduction="avg"),
@@ -296,20 +319,20 @@ LOSSES = [
     Bad(
         "xent labels float",
         lambda z, lab: jl.softmax_cross_entropy(z, lab),
-        (x, jnp.zeros(2)),
+        (x, host(np.zeros(2, np.float32))),
         match="`labels` must have an integer dtype",
     ),
     Bad(
         "xent one-hot labels",
         lambda z, lab: jl.softmax_cross_entropy(z, lab),
-        (x, jnp.eye(2, 3, dtype=jnp.int32)),
+        (x, host(np.eye(2, 3, dtype=np.int32))),
         ValueError,
         "`labels` must have shape",
     ),
     Bad(
         "xent labels out of range",
         lambda z, lab: jl.softmax_cross_entropy(z, lab),
-        (x, jnp.array([0, 3])),
+        (x, host([0, 3], np.int32)),
         ValueError,
         "`labels` must lie in [0, 3)",
         traced_nan=_all_nan,
@@ -317,7 +340,7 @@ LOSSES = [
     Bad(
         "xent negative labels",
         lambda z, lab: jl.softmax_cross_entropy(z, lab, reduction="none"),
-        (x, jnp.array([-1, -1])),
+        (x, host([-1, -1], np.int32)),
         ValueError,
         "`labels` must lie in [0, 3)",
         traced_nan=_all_nan,
@@ -441,13 +464,13 @@ PER_EXAMPLE = [
     Bad(
         "batch leaves of two sizes",
         lambda u, v: jl.per_example_grad_norms(per_example_losses, MLP, (u, v)),
-        (jnp.ones((5, 3)), jnp.ones((4, 2))),
+        (ones((5, 3)), ones((4, 2))),
         ValueError,
         "every leaf of `batch` must have the same leading",
     ),
     Bad(
         "params with an int leaf",
-        lambda: jl.per_example_grad_norms(per_example_losses, (*MLP, jnp.int32(1)), BATCH),
+        lambda: jl.per_example_grad_norms(per_example_losses, (*MLP, host(np.int32(1))), BATCH),
         match="every leaf of `params` must be a real floating array",
     ),
     Bad("l2_clip None", lambda: _clipped(None), match="`l2_clip` must be a real number"),
@@ -457,7 +480,7 @@ PER_EXAMPLE = [
     Bad(
         "l2_clip a vector",
         _clipped,
-        (jnp.ones(2),),
+        (ones(2),),
         ValueError,
         "`l2_clip` must be a positive scalar",
     ),
@@ -514,17 +537,21 @@ def test_sizes_must_be_static_under_jit():
     with pytest.raises(TypeError, match=re.escape("`in_features` must be a static positive int")):
         jax.jit(lambda n: jl.linear_init(KEY, n, 2))(np.int32(3))
     with pytest.raises(TypeError, match=re.escape("`sizes[0]` must be a static positive int")):
-        jax.jit(lambda s: jl.mlp_init(KEY, s))(jnp.array([3, 2]))
+        jax.jit(lambda s: jl.mlp_init(KEY, s))(host([3, 2], np.int32))
     # Eagerly, NumPy and concrete JAX integers are sizes like any int.
-    shapes = [p.W.shape for p in jl.mlp_init(KEY, jnp.array([3, 2]))]
+    shapes = [p.W.shape for p in jl.mlp_init(KEY, host([3, 2], np.int32))]
     assert shapes == [(3, 2)] and jl.linear_init(KEY, np.int32(3), 2).W.shape == (3, 2)
 
 
 def test_a_traced_valid_l2_clip_still_clips():
-    """The run-time NaN guard leaves good values alone: traced C equals concrete C."""
-    (grads, norms), (grads_jit, norms_jit) = _clipped(0.1), jax.jit(_clipped)(0.1)
+    """The run-time NaN guard leaves good values alone: traced C equals concrete C
+    (a Python float closed over, so concrete inside one compiled program)."""
+    (grads, norms), (grads_jit, norms_jit) = (
+        jax.jit(lambda: _clipped(0.1))(),
+        jax.jit(_clipped)(0.1),
+    )
     assert_tree_close((grads_jit, norms_jit), (grads, norms), jnp.float32)
-    total = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads_jit)))
+    total = np.sqrt(sum(float(np.sum(np.asarray(g) ** 2)) for g in jax.tree.leaves(grads_jit)))
     assert 0 < total <= 0.1 * (1 + 1e-6) and np.all(np.asarray(norms_jit) > 0.1)
 
 

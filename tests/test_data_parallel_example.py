@@ -17,15 +17,16 @@ import pytest
 
 import jaxlinear
 import jaxlinear.check
+from tests.helpers import needs
 
 # Slow (the example in a subprocess on 8 devices): not in the quick subset, -m "not slow".
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    needs("sklearn", "matplotlib", reason="the example needs the examples extra"),
+]
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SCRIPT = EXAMPLES / "data_parallel.py"
-
-pytest.importorskip("sklearn", reason="the example needs scikit-learn's digits")
-pytest.importorskip("matplotlib", reason="the example writes a plot")
 
 
 def number(pattern: str, text: str) -> float:

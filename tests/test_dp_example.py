@@ -12,7 +12,6 @@ import importlib
 import json
 import math
 
-import dp_accounting
 import pytest
 
 from tests.test_examples import EXAMPLES, printed, run_example, run_probes
@@ -36,13 +35,21 @@ def dp_sgd():
         yield importlib.import_module("dp_sgd")
 
 
+# dp_accounting is imported inside the functions that use it: every pytest-xdist
+# worker imports this file to collect it, and importing dp_accounting takes about 1.5 s.
+
+
 def _event(q, sigma, steps):
+    import dp_accounting
+
     step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
 def _direct(q, sigma, steps, delta):
     """(ε RDP, its order, ε PLD) from dp_accounting's accountants, called here directly."""
+    import dp_accounting
+
     rdp = dp_accounting.rdp.RdpAccountant()
     rdp.compose(_event(q, sigma, steps))
     pld = dp_accounting.pld.PLDAccountant()
@@ -121,6 +128,8 @@ def _moments_accountant_epsilon(q, sigma, steps, delta, orders):
     One order at a time, the difference is the closed form
     log α/(α − 1) − log((α − 1)/α), so the older ε follows from the newer.
     """
+    import dp_accounting
+
     older = []
     for alpha in orders:
         accountant = dp_accounting.rdp.RdpAccountant(orders=[alpha])
@@ -142,6 +151,8 @@ PUBLISHED = [
 
 @pytest.mark.parametrize(("case", "published"), PUBLISHED)
 def test_dp_accounting_reproduces_published_moments_accountant_values(dp_sgd, case, published):
+    import dp_accounting
+
     orders = dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
     assert f"{_moments_accountant_epsilon(*case, orders):.2f}" == published
     # The example's tighter conversion, and the PLD accountant, only improve on it.

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from jaxlinear import LinearParams, linear_apply, linear_backward, linear_init
+from tests.helpers import cast, ones
 
-W = jnp.ones((3, 4))
-b = jnp.ones(4)
-x = jnp.ones((2, 3))
+W = ones((3, 4))
+b = ones(4)
+x = ones((2, 3))
 
 
 def raises(exc, text):
@@ -26,22 +27,22 @@ def test_wrong_feature_size_names_both_numbers_and_the_layout():
         "`x.shape[-1]` (=5) must equal in_features (=3) of W with layout "
         "'in_out' (W.shape=(3, 4)); got x.shape=(2, 5).",
     ):
-        linear_apply(LinearParams(W, b), jnp.ones((2, 5)))
+        linear_apply(LinearParams(W, b), ones((2, 5)))
 
 
 def test_wrong_layout_suggests_the_other_layout():
     with raises(ValueError, "pass layout='out_in' if it is"):
-        linear_apply(LinearParams(W, b), jnp.ones((2, 4)))
+        linear_apply(LinearParams(W, b), ones((2, 4)))
     with raises(ValueError, "in_features (=4) of W with layout 'out_in'"):
-        linear_apply(LinearParams(jnp.ones((3, 4)), jnp.ones(3), "out_in"), jnp.ones((2, 3)))
+        linear_apply(LinearParams(ones((3, 4)), ones(3), "out_in"), ones((2, 3)))
 
 
 def test_errors_fire_at_trace_time_under_jit():
     with raises(ValueError, "`x.shape[-1]` (=5) must equal in_features (=3)"):
-        jax.jit(linear_apply)(LinearParams(W, b), jnp.ones((2, 5)))
+        jax.jit(linear_apply)(LinearParams(W, b), ones((2, 5)))
 
 
-@pytest.mark.parametrize("bad_b", [jnp.ones(3), jnp.ones((1, 4)), jnp.ones(())])
+@pytest.mark.parametrize("bad_b", [ones(3), ones((1, 4)), ones(())])
 def test_bias_of_the_wrong_shape(bad_b):
     with raises(
         ValueError,
@@ -51,7 +52,7 @@ def test_bias_of_the_wrong_shape(bad_b):
         linear_apply(LinearParams(W, bad_b), x)
 
 
-@pytest.mark.parametrize("bad_W", [jnp.ones(3), jnp.ones((3, 4, 1))])
+@pytest.mark.parametrize("bad_W", [ones(3), ones((3, 4, 1))])
 def test_W_not_2d(bad_W):
     with raises(
         ValueError,
@@ -63,14 +64,14 @@ def test_W_not_2d(bad_W):
 
 def test_scalar_x():
     with raises(ValueError, "`x` must have at least one axis, (..., in_features); got a scalar."):
-        linear_apply(LinearParams(W, b), jnp.ones(()))
+        linear_apply(LinearParams(W, b), ones(()))
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64, jnp.uint8])
 @pytest.mark.parametrize("which", ["x", "W", "b"])
 def test_non_float_dtypes(which, dtype):
     args = {"x": x, "W": W, "b": b}
-    args[which] = args[which].astype(dtype)
+    args[which] = cast(args[which], dtype)
     with raises(
         TypeError,
         f"`{which}` must have a real floating dtype (float16, bfloat16, "
@@ -85,14 +86,14 @@ def test_mixed_dtypes_are_refused_not_promoted():
         "`x`, `W`, `b` must share one dtype; `x` is bfloat16, `W` is float32, `b` is float32. "
         "jaxlinear never promotes silently: cast explicitly, e.g. `W.astype(x.dtype)`.",
     ):
-        linear_apply(LinearParams(W, b), x.astype(jnp.bfloat16))
+        linear_apply(LinearParams(W, b), cast(x, jnp.bfloat16))
 
 
 def test_unknown_layout():
     with raises(ValueError, "`layout` must be one of ('in_out', 'out_in')"):
         LinearParams(W, b, "io")
     with raises(ValueError, "got 'OI'"):
-        linear_backward(jnp.ones((2, 4)), x, W, layout="OI")
+        linear_backward(ones((2, 4)), x, W, layout="OI")
     with raises(ValueError, "`layout` must be one of"):
         linear_init(jax.random.key(0), 3, 4, layout="torch")
 
@@ -109,14 +110,14 @@ def test_grad_out_that_does_not_fit(g_shape):
         "`grad_out` must have the shape of y = linear(x), x.shape[:-1] + "
         f"(out_features,) = (2, 4); got grad_out.shape={g_shape}.",
     ):
-        linear_backward(jnp.ones(g_shape), x, W)
+        linear_backward(ones(g_shape), x, W)
 
 
 def test_linear_backward_checks_its_inputs_too():
     with raises(ValueError, "`x.shape[-1]` (=2) must equal in_features (=3)"):
-        linear_backward(jnp.ones((2, 4)), jnp.ones((2, 2)), W)
+        linear_backward(ones((2, 4)), ones((2, 2)), W)
     with raises(TypeError, "`grad_out` must have a real floating dtype"):
-        linear_backward(jnp.ones((2, 4), jnp.int32), x, W)
+        linear_backward(ones((2, 4), np.int32), x, W)
 
 
 def test_preferred_element_type_checks():
@@ -130,14 +131,14 @@ def test_preferred_element_type_checks():
         linear_apply(LinearParams(W, b), x, preferred_element_type=jnp.bfloat16)
     # Same width is not enough: float16 cannot hold bfloat16's range, nor bfloat16
     # float16's digits.
-    p16 = LinearParams(W.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    p16 = LinearParams(cast(W, jnp.bfloat16), cast(b, jnp.bfloat16))
     with raises(
         ValueError, "holds every bfloat16 operand value exactly (bfloat16, float32, float64)"
     ):
-        linear_apply(p16, x.astype(jnp.bfloat16), preferred_element_type=jnp.float16)
-    h16 = LinearParams(W.astype(jnp.float16), b.astype(jnp.float16))
+        linear_apply(p16, cast(x, jnp.bfloat16), preferred_element_type=jnp.float16)
+    h16 = LinearParams(cast(W, jnp.float16), cast(b, jnp.float16))
     with raises(ValueError, "holds every float16 operand value exactly (float16, float32"):
-        linear_apply(h16, x.astype(jnp.float16), preferred_element_type=jnp.bfloat16)
+        linear_apply(h16, cast(x, jnp.float16), preferred_element_type=jnp.bfloat16)
 
 
 @pytest.mark.parametrize("precision", ["bogus", ["highest"], ("high", "nope"), 3.5])

@@ -100,24 +100,28 @@ def test_property_random_shapes(batch, in_features, out_features, layout, bias, 
 
 
 def test_worked_example():
-    x = jnp.array([[1.0, 2.0]])
-    W = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
-    g = jnp.array([[1.0, 1.0, 1.0]])
-    dx, dW, db = linear_backward(g, x, W)
+    """The numbers, not the eager path: inputs are made on the host and the backward
+    and the VJP run compiled (one program per shape, not one per operation)."""
+    f32 = np.float32
+    x = np.array([[1.0, 2.0]], f32)
+    W = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], f32)
+    g = np.array([[1.0, 1.0, 1.0]], f32)
+    backward = jax.jit(linear_backward)
+    dx, dW, db = backward(g, x, W)
     np.testing.assert_array_equal(dx, [[2.0, 2.0]])
     np.testing.assert_array_equal(dW, [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
     np.testing.assert_array_equal(db, [1.0, 1.0, 1.0])
     # Through the custom VJP, with a bias, in both layouts.
+    pullback = jax.jit(lambda p, x, g: jax.vjp(linear_apply, p, x)[1](g))
     for layout, W_ in (("in_out", W), ("out_in", W.T)):
-        p = LinearParams(W_, jnp.zeros(3), layout)
-        _, vjp = jax.vjp(linear_apply, p, x)
-        dp, dx_ = vjp(g)
+        p = LinearParams(W_, np.zeros(3, f32), layout)
+        dp, dx_ = pullback(p, x, g)
         np.testing.assert_array_equal(dx_, [[2.0, 2.0]])
-        np.testing.assert_array_equal(dp.W, dW if layout == "in_out" else dW.T)
+        np.testing.assert_array_equal(dp.W, dW if layout == "in_out" else np.asarray(dW).T)
         np.testing.assert_array_equal(dp.b, [1.0, 1.0, 1.0])
     # db is summed over the batch, not averaged.
-    g2 = jnp.array([[1.0, 2.0], [3.0, 4.0]])
-    _, _, db2 = linear_backward(g2, jnp.ones((2, 2)), jnp.eye(2))
+    g2 = np.array([[1.0, 2.0], [3.0, 4.0]], f32)
+    _, _, db2 = backward(g2, np.ones((2, 2), f32), np.eye(2, dtype=f32))
     np.testing.assert_array_equal(db2, [4.0, 6.0])
 
 
@@ -133,9 +137,11 @@ def test_check_grads_float64_second_order(layout, bias):
         def f(W, x, b):
             return jnp.sin(linear_apply(LinearParams(W, b, layout), x))
 
-        args = (params.W, x, params.b)
+        # Host copies: check_grads's perturbations x ± eps·v are then NumPy arithmetic
+        # (the same float64 sums), not one eager XLA program per shape.
+        args = jax.tree.map(np.asarray, (params.W, x, params.b))
         rtol, atol = tolerance_for(jnp.float64).fd
-        step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(x))))
+        step = FD_RELATIVE_STEP * max(1.0, float(np.max(np.abs(args[1]))))
         # check_grads would scale a default tolerance; ours comes from the table.
         check_grads(jax.jit(f), args, order=2, modes=("rev",), eps=step, rtol=rtol, atol=atol)
 
@@ -151,7 +157,7 @@ def test_elementwise_finite_differences_of_dW(layout):
         def loss(W):
             return jnp.sum(c * jnp.tanh(linear_apply(LinearParams(W, params.b, layout), x)))
 
-        dW = jax.grad(loss)(params.W)
+        dW = jax.jit(jax.grad(loss))(params.W)
         W = np.asarray(params.W)
         fd = np.zeros_like(W)
         loss_jit = jax.jit(loss)
@@ -168,14 +174,14 @@ def test_empty_batch_gives_zero_gradients():
     params, _ = well_scaled_linear(
         jax.random.key(5), 3, 2, (), jnp.float32, layout="in_out", bias=True
     )
-    x = jnp.zeros((0, 3))
+    x = jax.device_put(np.zeros((0, 3), np.float32))
 
     def loss(p, x):
         return jnp.sum(linear_apply(p, x) ** 2)
 
     y = linear_apply(params, x)
     assert y.shape == (0, 2)
-    dp, dx = jax.grad(loss, argnums=(0, 1))(params, x)
+    dp, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
     np.testing.assert_array_equal(dp.W, np.zeros((3, 2)))
     np.testing.assert_array_equal(dp.b, np.zeros(2))
     assert dx.shape == (0, 3)
@@ -185,9 +191,10 @@ def test_nan_and_inf_propagate_like_the_plain_formula():
     params, x = well_scaled_linear(
         jax.random.key(6), 3, 2, (4,), jnp.float32, layout="in_out", bias=True
     )
-    x = x.at[1, 2].set(jnp.nan).at[3, 0].set(jnp.inf)
-    g = jnp.ones((4, 2))
-    (y1, grads1), (y2, grads2) = vjp_both(params, x, g)
+    x = np.array(x)  # a writable host copy
+    x[1, 2], x[3, 0] = np.nan, np.inf
+    g = np.ones((4, 2), np.float32)
+    (y1, grads1), (y2, grads2) = jax.jit(vjp_both)(params, x, g)
     np.testing.assert_array_equal(np.isnan(y1), np.isnan(y2))
     assert np.isnan(y1).any()
     for a, e in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2), strict=True):
@@ -207,16 +214,21 @@ def test_preferred_element_type_accumulates_and_keeps_primal_dtypes(dtype):
         return y + jnp.broadcast_to(p.b.astype(jnp.float32), y.shape)
 
     g = normal(jax.random.key(8), (6, 3), jnp.float32)
-    y1, f1 = jax.vjp(ours, params, x)
-    y2, f2 = jax.vjp(ref, params, x)
+
+    @jax.jit  # both VJPs in one program
+    def both(p, x, g):
+        y1, f1 = jax.vjp(ours, p, x)
+        y2, f2 = jax.vjp(ref, p, x)
+        return (y1, f1(g)), (y2, f2(g))
+
+    (y1, (dp1, dx1)), (y2, (dp2, dx2)) = both(params, x, g)
     assert y1.dtype == jnp.float32
     assert_close(y1, y2, jnp.float32)
-    (dp1, dx1), (dp2, dx2) = f1(g), f2(g)
     assert dp1.W.dtype == dp1.b.dtype == dx1.dtype == dtype
     # Accumulated in float32 then rounded once: within the low dtype's table entry.
-    assert_close(dp1.W, dp2.W.astype(jnp.float32), dtype)
-    assert_close(dx1, dx2.astype(jnp.float32), dtype)
-    assert_close(dp1.b, dp2.b.astype(jnp.float32), dtype)
+    assert_close(dp1.W, np.asarray(dp2.W, np.float32), dtype)
+    assert_close(dx1, np.asarray(dx2, np.float32), dtype)
+    assert_close(dp1.b, np.asarray(dp2.b, np.float32), dtype)
 
 
 @pytest.mark.parametrize(
@@ -235,12 +247,15 @@ def test_eager_calls_equal_the_jitted_primitive_exactly(dtype, preferred):
         apply = functools.partial(linear_apply, preferred_element_type=preferred)
         every_traced = compiled_once(apply, cases)
         every_eager = [apply(*case) for case in cases]
-    for config, case, traced, eager in zip(configs, cases, every_traced, every_eager, strict=True):
+        every_plain = compiled_once(plain, cases)  # the reference: one program, not op by op
+    for config, traced, eager, reference in zip(
+        configs, every_traced, every_eager, every_plain, strict=True
+    ):
         assert eager.dtype == traced.dtype == (preferred or dtype)
         np.testing.assert_array_equal(
             np.asarray(eager, np.float64), np.asarray(traced, np.float64), err_msg=str(config)
         )
-        assert_close(eager, plain(*case).astype(eager.dtype), dtype, err_msg=str(config))
+        assert_close(eager, np.asarray(reference, eager.dtype), dtype, err_msg=str(config))
 
 
 @pytest.mark.parametrize("device", backend_params())
@@ -262,14 +277,15 @@ def test_every_backend(device, layout):
         if device.platform == "tpu":
             return  # TPUs have no native float64; float32 against autodiff is the check.
         with jax.enable_x64(True):
-            p64 = jax.tree.map(lambda a: jax.device_put(a.astype(jnp.float64), device), params)
-            x64 = jax.device_put(x.astype(jnp.float64), device)
+            # Widened on the host (exact), then placed on the backend.
+            p64 = jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float64), device), params)
+            x64 = jax.device_put(np.asarray(x, np.float64), device)
 
             def f(W, x, b):
                 return jnp.tanh(linear_apply(LinearParams(W, b, layout), x))
 
             rtol, atol = tolerance_for(jnp.float64).fd
-            step = FD_RELATIVE_STEP * max(1.0, float(jnp.max(jnp.abs(x64))))
+            step = FD_RELATIVE_STEP * max(1.0, float(np.max(np.abs(np.asarray(x64)))))
             check_grads(
                 jax.jit(f),
                 (p64.W, x64, p64.b),

@@ -228,11 +228,19 @@ def planted_backward(monkeypatch, module, name, scale=2.0):
 
 
 def modes(f, *args):
-    """Reverse-mode and forward-mode derivatives of scalar f w.r.t. its first argument."""
+    """Reverse-mode and forward-mode derivatives of scalar f w.r.t. its first argument.
+
+    Both in one jitted program (a fresh one per call, so a rule patched since the last
+    call is traced anew) rather than op by op."""
     a = args[0]
     direction = np.asarray(np_normal(9, np.shape(a)), np.asarray(a).dtype)
-    rev = jnp.vdot(jax.grad(f)(*args), direction)
-    fwd = jax.jvp(lambda a: f(a, *args[1:]), (a,), (direction,))[1]
+
+    def both(*args):
+        rev = jnp.vdot(jax.grad(f)(*args), direction)
+        fwd = jax.jvp(lambda a: f(a, *args[1:]), (args[0],), (direction,))[1]
+        return rev, fwd
+
+    rev, fwd = jax.jit(both)(*args)
     return float(rev), float(fwd)
 
 
@@ -272,11 +280,15 @@ def test_checkpoint_and_linear_transpose_run_the_transpose_rule(monkeypatch):
     def transposed():
         return jax.linear_transpose(lambda x: linear_apply(LinearParams(W), x), x)(t)[0]
 
-    good_grad, good_transpose = checkpointed_grad(), transposed()
+    def both():  # one jitted program per call (fresh, so it traces the patch)
+        return jax.jit(lambda: (checkpointed_grad(), transposed()))()
+
+    good_grad, good_transpose = (np.asarray(a) for a in both())
     with monkeypatch.context() as m:
         planted_backward(m, lin, "_backward")
-        np.testing.assert_allclose(checkpointed_grad(), 2 * good_grad, rtol=RTOL)
-        np.testing.assert_allclose(transposed(), 2 * good_transpose, rtol=RTOL)
+        bad_grad, bad_transpose = both()
+        np.testing.assert_allclose(bad_grad, 2 * good_grad, rtol=RTOL)
+        np.testing.assert_allclose(bad_transpose, 2 * good_transpose, rtol=RTOL)
 
 
 EXPECTED_RULES = {

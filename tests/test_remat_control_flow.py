@@ -17,6 +17,7 @@ from collections import Counter
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 
@@ -53,8 +54,8 @@ def mlp(seed, sizes, layout="in_out"):
 
 
 def stacked(layers):
-    """Stack identical pytrees along a new leading axis (for lax.scan)."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
+    """Stack identical pytrees along a new leading axis (for lax.scan), on the host."""
+    return jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *layers)
 
 
 def block_params():
@@ -392,12 +393,12 @@ def test_cond_around_layers():
     ours = jax.jit(jax.grad(cond_loss(linear_apply, jaxlinear.tanh), argnums=(0, 1)))
     plain = jax.jit(jax.grad(cond_loss(plain_linear, jnp.tanh), argnums=(0, 1)))
     for branch, sign in enumerate((1.0, -1.0)):
-        x = jnp.abs(normal(9, (5, 4))) * sign
+        x = jnp.asarray(np.abs(np.asarray(normal(9, (5, 4)))) * np.float32(sign))
         g = ours(params, x)
         assert_tree_close(g, plain(params, x), F32)
         # The branch not taken gets an exactly zero gradient.
         unused = g[0][1 - branch]
-        assert all(not leaf.any() for leaf in jax.tree.leaves(unused)), branch
+        assert all(not np.asarray(leaf).any() for leaf in jax.tree.leaves(unused)), branch
 
 
 def test_cond_under_vmap_becomes_select():
@@ -405,13 +406,14 @@ def test_cond_under_vmap_becomes_select():
     the cond into a select that runs both branches)."""
     params = two_layers()
     x = normal(10, (6, 4))
-    assert 0 < int(jnp.sum(jnp.sum(x, axis=-1) > 0)) < 6, "want both branches taken"
+    x_host = np.asarray(x)
+    assert 0 < int(np.sum(np.sum(x_host, axis=-1) > 0)) < 6, "want both branches taken"
     per_example = jax.jit(jax.vmap(jax.grad(cond_loss(linear_apply, jaxlinear.tanh)), (None, 0)))(
         params, x
     )
     ref = jax.jit(jax.grad(cond_loss(plain_linear, jnp.tanh)))
     for i in range(x.shape[0]):
-        assert_tree_close(take(per_example, i), ref(params, x[i]), F32)
+        assert_tree_close(take(per_example, i), ref(params, x_host[i]), F32)
 
 
 def test_switch_between_activations():
@@ -456,8 +458,16 @@ def test_while_loop_values_and_why_reverse_mode_needs_a_static_trip_count():
     p = layer(13, 4, 4)
     x = normal(14, (3, 4))
     looped = jax.jit(repeat_layer)
-    for n in (0, 1, 3):
-        assert_close(looped(p, x, n), python_repeat(p, x, n), F32)
+    # The references (the Python loop under autodiff), all in one program: the values
+    # for each trip count, and the gradient for n = 3 (checked below).
+    values_ref, grads_ref = jax.jit(
+        lambda p, x: (
+            [python_repeat(p, x, n) for n in (0, 1, 3)],
+            jax.grad(python_repeat, argnums=(0, 1))(p, x, 3),
+        )
+    )(p, x)
+    for n, value_ref in zip((0, 1, 3), values_ref, strict=True):
+        assert_close(looped(p, x, n), value_ref, F32, err_msg=f"n={n}")
     # A while_loop has no reverse-mode rule in JAX, whatever is inside it.
     with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
         jax.grad(repeat_layer)(p, x, 3)
@@ -469,7 +479,7 @@ def test_while_loop_values_and_why_reverse_mode_needs_a_static_trip_count():
         return jnp.sum(jnp.sin(h))
 
     grads = jax.jit(jax.grad(fori, argnums=(0, 1)))(p, x)
-    assert_tree_close(grads, jax.grad(python_repeat, argnums=(0, 1))(p, x, n), F32)
+    assert_tree_close(grads, grads_ref, F32)
 
 
 def test_while_loop_differentiates_in_forward_mode():
@@ -486,19 +496,22 @@ def test_while_loop_differentiates_in_forward_mode():
     def ref(p, x):
         return python_repeat(p, x, 3)
 
-    (v, t), (v_ref, t_ref) = (
-        jax.jit(lambda x: jax.jvp(lambda x: main(p, x), (x,), (dx,)))(x),
-        jax.jvp(lambda x: ref(p, x), (x,), (dx,)),
-    )
+    # Autodiff of the Python loop: the jvp and the gradient, in one program.
+    (v_ref, t_ref), grad_ref = jax.jit(
+        lambda p, x: (jax.jvp(lambda x: ref(p, x), (x,), (dx,)), jax.grad(ref)(p, x))
+    )(p, x)
+    v, t = jax.jit(lambda x: jax.jvp(lambda x: main(p, x), (x,), (dx,)))(x)
     assert_close(v, v_ref, F32)
     assert_close(t, t_ref, F32)
-    assert_tree_close(jax.jacfwd(main)(p, x), jax.grad(ref)(p, x), F32)
+    assert_tree_close(jax.jit(jax.jacfwd(main))(p, x), grad_ref, F32)
 
 
 def test_linear_params_pass_through_control_flow_as_pytrees():
     """LinearParams (with a static layout) is a loop carry: a while_loop that
     takes gradient steps on it keeps the layout and matches a Python loop."""
-    p = LinearParams(normal(18, (3, 4), 0.5), jnp.zeros((3,), F32), layout="out_in")
+    p = LinearParams(
+        normal(18, (3, 4), 0.5), jnp.asarray(np.zeros((3,), np.float32)), layout="out_in"
+    )
     x, t = normal(19, (8, 4)), normal(20, (8, 3))
 
     def loss(p):
@@ -513,12 +526,16 @@ def test_linear_params_pass_through_control_flow_as_pytrees():
             lambda c: c[0] < steps, lambda c: (c[0] + 1, sgd(c[1])), (0, p)
         )[1]
     )(p)
-    ref = p
-    for _ in range(5):
-        ref = jax.tree.map(
+    # The reference: five steps of a Python loop, each step one jitted program call.
+    ref_step = jax.jit(
+        lambda ref: jax.tree.map(
             lambda w, g: w - 0.1 * g,
             ref,
             jax.grad(lambda q: jaxlinear.mse_loss(plain_linear(q, x), t))(ref),
         )
+    )
+    ref = p
+    for _ in range(5):
+        ref = ref_step(ref)
     assert out.layout == "out_in"
     assert_tree_close(out, ref, F32)

@@ -90,8 +90,10 @@ def digits_like(layout="in_out"):
         layer(2 * i, n_in, n_out, layout)
         for i, (n_in, n_out) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True))
     )
-    x = jnp.abs(normal(50, (BATCH, SIZES[0])))
-    labels = jnp.asarray(np.random.default_rng(51).integers(0, SIZES[-1], BATCH, dtype=np.int32))
+    # x and labels stay on the host: no eager abs, and no slicing program compiled to
+    # split a device array into the mesh's shards.
+    x = np.abs(np.asarray(normal(50, (BATCH, SIZES[0]))))
+    labels = np.random.default_rng(51).integers(0, SIZES[-1], BATCH, dtype=np.int32)
     return params, x, labels
 
 
@@ -118,12 +120,12 @@ def test_data_parallel_gradients_equal_single_device(layout):
         out_shardings=(replicated, replicated),
     )
     loss, grads = sharded(params, x, labels)
-    single_loss, single_grads = jax.jit(jax.value_and_grad(mlp_loss))(
-        *on_one_device((params, x, labels))
-    )
+    # The references on one device, in one program: jaxlinear's and the plain formula's.
+    (single_loss, single_grads), (plain_loss, plain_grads) = jax.jit(
+        lambda *a: (jax.value_and_grad(mlp_loss)(*a), jax.value_and_grad(plain_mlp_loss)(*a))
+    )(*on_one_device((params, x, labels)))
     assert_close(loss, single_loss, F32)
     assert_tree_close(grads, single_grads, F32)
-    plain_loss, plain_grads = jax.jit(jax.value_and_grad(plain_mlp_loss))(params, x, labels)
     assert_close(loss, plain_loss, F32)
     assert_tree_close(grads, plain_grads, F32)
     # Every device holds the full (all-reduced) gradient.
@@ -156,7 +158,7 @@ def test_train_step_has_a_single_all_reduce():
     replicated, rows = NamedSharding(m, P()), NamedSharding(m, P("data"))
     params, x, labels = digits_like()
     optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(params)
+    opt_state = jax.jit(optimizer.init)(params)  # one program, not one per zeros leaf
     shardings = dict(
         in_shardings=(replicated, replicated, rows, rows),
         out_shardings=(replicated, replicated, replicated),
@@ -244,7 +246,8 @@ def test_model_parallel_weight(layout, axis, x_split, expected_fwd, expected_ste
         layout,
     )
     x_sharding = NamedSharding(m, P(None, "model") if x_split else P())
-    params, x = layer(60, 32, 16, layout), normal(62, (4, 32))
+    # Inputs on the host: no slicing program compiled to split device arrays into shards.
+    params, x = jax.tree.map(np.asarray, layer(60, 32, 16, layout)), np.asarray(normal(62, (4, 32)))
 
     def loss(apply):
         return lambda p, x: jnp.sum(jnp.sin(apply(p, x)))
@@ -263,16 +266,20 @@ def test_model_parallel_weight(layout, axis, x_split, expected_fwd, expected_ste
     assert collectives(fwd) == collectives(plain_fwd) == Counter(expected_fwd)
     assert collectives(step) == collectives(plain_step) == Counter(expected_step)
 
-    assert_close(fwd(params, x), jax.jit(linear_apply)(*on_one_device((params, x))), F32)
+    # The references on one device, in one program: jaxlinear's forward and
+    # value-and-grad, and the plain formula's gradients.
+    ref_y, (ref_value, ref_grads), plain_grads = jax.jit(
+        lambda p, x: (
+            linear_apply(p, x),
+            jax.value_and_grad(loss(linear_apply), argnums=(0, 1))(p, x),
+            jax.grad(loss(plain_linear), argnums=(0, 1))(p, x),
+        )
+    )(*on_one_device((params, x)))
+    assert_close(fwd(params, x), ref_y, F32)
     value, (g_params, g_x) = step(params, x)
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss(linear_apply), argnums=(0, 1)))(
-        *on_one_device((params, x))
-    )
     assert_close(value, ref_value, F32)
     assert_tree_close((g_params, g_x), ref_grads, F32)
-    assert_tree_close(
-        (g_params, g_x), jax.value_and_grad(loss(plain_linear), argnums=(0, 1))(params, x)[1], F32
-    )
+    assert_tree_close((g_params, g_x), plain_grads, F32)
     # The gradient of W lives where W lives.
     assert g_params.W.sharding.is_equivalent_to(p_sharding.W, 2)
 
@@ -291,9 +298,10 @@ def test_data_and_model_parallel_mlp():
     def s(*spec):
         return NamedSharding(m, P(*spec))
 
-    params = (layer(70, 16, 32), layer(72, 32, 8))
-    x = normal(74, (32, 16))
-    labels = jnp.asarray(np.random.default_rng(75).integers(0, 8, 32, dtype=np.int32))
+    # Inputs on the host: no slicing program compiled to split device arrays into shards.
+    params = jax.tree.map(np.asarray, (layer(70, 16, 32), layer(72, 32, 8)))
+    x = np.asarray(normal(74, (32, 16)))
+    labels = np.random.default_rng(75).integers(0, 8, 32, dtype=np.int32)
     p_sharding = (
         LinearParams(s(None, "model"), s("model")),
         LinearParams(s("model", None), s()),
@@ -316,14 +324,20 @@ def test_data_and_model_parallel_mlp():
     step = compiled(mlp_loss)
     assert collectives(step) == collectives(compiled(plain_mlp_loss)) == Counter({"all-reduce": 2})
 
-    assert_close(fwd(params, x), jax.jit(jaxlinear.mlp_apply)(*on_one_device((params, x))), F32)
+    # The references on one device, in one program: jaxlinear's forward and
+    # value-and-grad, and the plain formula's gradients.
+    ref_y, (ref_value, ref_grads), plain_grads = jax.jit(
+        lambda p, x, labels: (
+            jaxlinear.mlp_apply(p, x),
+            jax.value_and_grad(mlp_loss)(p, x, labels),
+            jax.grad(plain_mlp_loss)(p, x, labels),
+        )
+    )(*on_one_device((params, x, labels)))
+    assert_close(fwd(params, x), ref_y, F32)
     value, grads = step(params, x, labels)
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(mlp_loss))(
-        *on_one_device((params, x, labels))
-    )
     assert_close(value, ref_value, F32)
     assert_tree_close(grads, ref_grads, F32)
-    assert_tree_close(grads, jax.jit(jax.grad(plain_mlp_loss))(params, x, labels), F32)
+    assert_tree_close(grads, plain_grads, F32)
 
 
 def test_explicit_sharding_mode():
@@ -361,9 +375,11 @@ def test_explicit_sharding_model_parallel_weight(layout, axis):
     spec = [None, None]
     spec[W_AXIS[layout, axis]] = "model"
     params, x = layer(70, 32, 16, layout), normal(72, (4, 32))
-    sharded = LinearParams(
-        jax.device_put(params.W, NamedSharding(m, P(*spec))),
-        jax.device_put(params.b, NamedSharding(m, P("model") if axis == "out" else P())),
+    sharded = LinearParams(  # placed from host copies: no slicing program per shard shape
+        jax.device_put(np.asarray(params.W), NamedSharding(m, P(*spec))),
+        jax.device_put(
+            np.asarray(params.b), NamedSharding(m, P("model") if axis == "out" else P())
+        ),
         layout,
     )
     x_rep = jax.device_put(x, NamedSharding(m, P()))
@@ -418,7 +434,7 @@ def test_shard_map_grad_jvp_and_grad_of_shard_map():
             lambda *a: (per_shard_grads(*a), per_shard_jvp(*a), jax.grad(total, (0, 1, 2))(*a))
         )
 
-    args = small_problem()
+    args = tuple(np.asarray(a) for a in small_problem())  # on the host: x is split by rows
     assert_tree_close(three(sq(linear_apply))(*args), three(sq(plain_linear))(*args), F32)
 
 
@@ -429,7 +445,7 @@ def test_explicit_mesh_with_uncommitted_parameters():
     m = mesh((NUM_DEVICES,), ("data",), AxisType.Explicit)
     W, b, x = small_problem()
     with jax.set_mesh(m):
-        xs = jax.device_put(x, NamedSharding(m, P("data")))
+        xs = jax.device_put(np.asarray(x), NamedSharding(m, P("data")))  # split on the host
         y = jax.jit(lambda W, b, x: linear_apply(LinearParams(W, b), x))(W, b, xs)
         assert jax.typeof(y).sharding.spec == P("data", None)
         ours = jax.jit(jax.grad(sq(linear_apply), (0, 1, 2)))(W, b, xs)
