@@ -1,7 +1,11 @@
 r"""The compiled programs of :func:`jaxlinear.check_vjp`.
 
 * :func:`vjp_jit`: ``(fn(*args), vjp(u))`` of a rule or a reference;
-* :func:`vmapped_jit`: the same under ``jax.vmap``;
+* :func:`paired_jit`: that of the rule and of the reference in one program (the
+  checker compiles the two for the same inputs: XLA compiles what they compute
+  alike once, and the program's fixed cost is paid once);
+* :func:`vmapped_jit`: :func:`vjp` under ``jax.vmap``; :func:`vmapped_pair_jit`,
+  the rule's and the reference's;
 * :func:`differences_jit`: float64 central differences of
   φ(x) = ⟨u, fn(x)⟩ along a stack of perturbations p of one leaf,
   ``φ(x + p) − φ(x − p)``, one p at a time (one ``lax.map`` for every leaf); with ``batched``,
@@ -97,6 +101,14 @@ def vjp_jit(spec: Spec, float_leaves, other_leaves, cotangent):
     return vjp(spec, float_leaves, other_leaves, cotangent)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def paired_jit(rule: Spec, reference: Spec, float_leaves, other_leaves, cotangent):
+    """``(vjp of the rule, vjp of the reference)``, each as :func:`vjp` gives it, in one
+    compiled program; ``rule.traces`` counts its traces."""
+    rule.traces += 1  # runs at trace time only
+    return tuple(vjp(s, float_leaves, other_leaves, cotangent) for s in (rule, reference))
+
+
 def vmapped(spec: Spec, in_axes, batched_args, cotangents):
     """``jax.vmap`` of :func:`vjp` over ``in_axes`` of the args and axis 0 of the
     cotangents; every cotangent comes out per example (axis 0)."""
@@ -109,6 +121,12 @@ def vmapped(spec: Spec, in_axes, batched_args, cotangents):
 
 
 vmapped_jit = jax.jit(vmapped, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def vmapped_pair_jit(rule: Spec, reference: Spec, in_axes, batched_args, cotangents):
+    """:func:`vmapped` of the rule and of the reference in one compiled program."""
+    return tuple(vmapped(s, in_axes, batched_args, cotangents) for s in (rule, reference))
 
 
 def _inner(out, cotangent):

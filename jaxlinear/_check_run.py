@@ -37,6 +37,10 @@ class Context:
     precision: Any
     digests: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def compares_reference(self) -> bool:
+        return self.ref_spec is not None and "reference" in self.checks
+
     def fingerprinted(self, spec: programs.Spec, kind: str, traced, *args) -> programs.Spec:
         """``spec`` with the digest of ``traced(*args)``, computed once per shapes."""
         avals = tuple(jax.tree.map(lambda a: (np.shape(a), str(a.dtype)), jax.tree.leaves(args)))
@@ -81,6 +85,8 @@ class Run:
     rule_cts: list[np.ndarray] = dataclasses.field(default_factory=list)
     spec: programs.Spec | None = None
     traces_first: int = 0
+    call: Any = None  # call 1's compiled program, called again by the retrace check
+    ad: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # the reference's, this dtype
     ad_cts: list[np.ndarray] | None = None  # autodiff of the reference, this dtype
 
     @property
@@ -143,19 +149,42 @@ def prepare(run: Run) -> None:
     run.u_host = [rng.standard_normal(o.shape).astype(o.dtype) for o in run.out_shapes]
 
 
+def _host(out, cts) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [np.asarray(o) for o in jax.tree.leaves(out)], [np.asarray(c) for c in cts]
+
+
 def call_rule(run: Run) -> None:
-    """The rule's output and cotangents in the run's dtype (may raise)."""
+    """The rule's output and cotangents in the run's dtype (may raise).
+
+    With a reference to compare, the reference's in the same dtype come from the
+    same compiled program (:func:`programs.paired_jit`). If that program fails,
+    the rule runs alone, so an error raised here is the rule's; the reference's
+    own error is then reported by :func:`reference_vjp`'s caller.
+    """
     ctx = run.ctx
     fl, ol = run.put(run.float_host), run.put(run.other_host)
     u = run.put_tree(run.out_treedef, run.u_host)
-    run.spec = ctx.fingerprinted(
-        ctx.spec, "vjp", functools.partial(programs.vjp, ctx.spec), fl, ol, u
-    )
+    traced = functools.partial(programs.vjp, ctx.spec)
+    run.spec = ctx.fingerprinted(ctx.spec, "vjp", traced, fl, ol, u)
+    if ctx.compares_reference:
+        try:
+            traced = functools.partial(programs.vjp, ctx.ref_spec)
+            ref = ctx.fingerprinted(ctx.ref_spec, "vjp", traced, fl, ol, u)
+            run.call = functools.partial(programs.paired_jit, run.spec, ref)
+            before = run.spec.traces
+            rule, reference = jax.block_until_ready(run.call(fl, ol, u))
+        except Exception:  # the rule alone, below, says whether the rule is at fault
+            pass
+        else:
+            run.traces_first = run.spec.traces - before
+            run.rule_out, run.rule_cts = _host(*rule)
+            run.ad = _host(*reference)
+            return
+    run.call = functools.partial(programs.vjp_jit, run.spec)
     before = run.spec.traces
-    out, cts = jax.block_until_ready(programs.vjp_jit(run.spec, fl, ol, u))
+    out, cts = jax.block_until_ready(run.call(fl, ol, u))
     run.traces_first = run.spec.traces - before
-    run.rule_out = [np.asarray(o) for o in jax.tree.leaves(out)]
-    run.rule_cts = [np.asarray(c) for c in cts]
+    run.rule_out, run.rule_cts = _host(out, cts)
 
 
 def reference_vjp(run: Run, float_leaves, u_leaves, *, in_x64: bool, device=None):
@@ -166,8 +195,16 @@ def reference_vjp(run: Run, float_leaves, u_leaves, *, in_x64: bool, device=None
         u = run.put_tree(run.out_treedef, u_leaves, device)
         traced = functools.partial(programs.vjp, ctx.ref_spec)
         spec = ctx.fingerprinted(ctx.ref_spec, "vjp", traced, fl, ol, u)
-        out, cts = programs.vjp_jit(spec, fl, ol, u)
-        return [np.asarray(o) for o in jax.tree.leaves(out)], [np.asarray(c) for c in cts]
+        return _host(*programs.vjp_jit(spec, fl, ol, u))
+
+
+def already_float64(run: Run, float_leaves, u_leaves) -> bool:
+    """Whether the float64 truth's inputs are the run's own: every float leaf and
+    cotangent already float64, on the device the truth is computed on."""
+    leaves = [*float_leaves, *u_leaves]
+    return run.truth_device() == run.device and all(
+        np.asarray(a).dtype == np.float64 for a in leaves
+    )
 
 
 def upcast(leaves) -> list[np.ndarray]:

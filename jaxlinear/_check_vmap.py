@@ -24,7 +24,7 @@ from ._check_explore import _is_float
 from ._check_measure import against_differences, against_truth, largest, per_example
 from ._check_report import CheckRow
 from ._check_rows import against_autodiff, error_row, fd_bound, measured_row, sigmas
-from ._check_run import Run, scoped
+from ._check_run import Run, already_float64, scoped
 
 #: Relative size of the perturbations between the copies of the default vmap batch.
 COPY_NOISE = 0.1
@@ -61,22 +61,50 @@ def _vmapped(spec, in_axes):
         return jax.jit(functools.partial(programs.vmapped, spec, in_axes))
 
 
-def _call(run: Run, spec, in_axes, batched, U, device=None):
-    put = functools.partial(jax.device_put, device=device or run.device)
-    out, cts = _vmapped(spec, in_axes)(jax.tree.map(put, batched), jax.tree.map(put, U))
+def _host(out, cts):
     return [np.asarray(o) for o in jax.tree.leaves(out)], [np.asarray(c) for c in cts]
 
 
-def _with_reference(run: Run, in_axes, batched, U, rule, detail) -> list[CheckRow]:
+def _call(run: Run, spec, in_axes, batched, U, device=None):
+    put = functools.partial(jax.device_put, device=device or run.device)
+    return _host(*_vmapped(spec, in_axes)(jax.tree.map(put, batched), jax.tree.map(put, U)))
+
+
+def _reference_spec(run: Run):
     ctx = run.ctx
     base_u = jax.tree.unflatten(run.out_treedef, run.u_host)
     traced = functools.partial(programs.vjp, ctx.ref_spec)
-    ref = ctx.fingerprinted(ctx.ref_spec, "vjp", traced, run.float_host, run.other_host, base_u)
-    ad_out, ad_cts = _call(run, ref, in_axes, batched, U)
-    with scoped(True, ctx.precision):
-        b64 = jax.tree.map(lambda a: a.astype(np.float64) if _is_float(a) else a, batched)
-        u64 = jax.tree.map(lambda a: np.asarray(a, np.float64), U)
-        out64, g64 = _call(run, ref, in_axes, b64, u64, run.truth_device())
+    return ctx.fingerprinted(ctx.ref_spec, "vjp", traced, run.float_host, run.other_host, base_u)
+
+
+def _call_paired(run: Run, in_axes, batched, U):
+    """(the rule's, the reference's) results under vmap from one compiled program, or
+    None if that program fails or ``in_axes`` is unhashable (then each runs alone,
+    and an error is attributed to the one that raised)."""
+    try:
+        hash(in_axes)
+        program = functools.partial(
+            programs.vmapped_pair_jit, run.spec, _reference_spec(run), in_axes
+        )
+        put = functools.partial(jax.device_put, device=run.device)
+        rule, reference = program(jax.tree.map(put, batched), jax.tree.map(put, U))
+    except Exception:
+        return None
+    return _host(*rule), _host(*reference)
+
+
+def _with_reference(run: Run, in_axes, batched, U, rule, ad, detail) -> list[CheckRow]:
+    ctx = run.ctx
+    ref = _reference_spec(run)
+    ad_out, ad_cts = ad or _call(run, ref, in_axes, batched, U)
+    floats = [a for a in jax.tree.leaves(batched) if _is_float(a)]
+    if already_float64(run, floats, jax.tree.leaves(U)):
+        out64, g64 = ad_out, ad_cts  # the same program on the same inputs
+    else:
+        with scoped(True, ctx.precision):
+            b64 = jax.tree.map(lambda a: a.astype(np.float64) if _is_float(a) else a, batched)
+            u64 = jax.tree.map(lambda a: np.asarray(a, np.float64), U)
+            out64, g64 = _call(run, ref, in_axes, b64, u64, run.truth_device())
     rows = []
     for names, got, ad, truth in (
         (ctx.out_names, rule[0], ad_out, out64),
@@ -133,13 +161,15 @@ def vmap_rows(run: Run) -> list[CheckRow]:
         for o in jax.tree.leaves(shape)
     ]
     U = jax.tree.unflatten(jax.tree.structure(shape), u_leaves)
+    paired = _call_paired(run, in_axes, batched, U) if ctx.compares_reference else None
     try:
-        rule = _call(run, run.spec, in_axes, batched, U)
+        rule = paired[0] if paired else _call(run, run.spec, in_axes, batched, U)
     except Exception as err:
         return [error_row(run, "vmap", err, "the rule raised under vmap")]
     try:
-        if ctx.ref_spec is not None and "reference" in ctx.checks:
-            return _with_reference(run, in_axes, batched, U, rule, detail)
+        if ctx.compares_reference:
+            ad = paired[1] if paired else None
+            return _with_reference(run, in_axes, batched, U, rule, ad, detail)
         return _with_differences(run, examples, U, rule, detail)
     except Exception as err:
         return [error_row(run, "vmap", err, "the truth raised under vmap")]

@@ -381,6 +381,56 @@ def test_an_exception_in_the_rule_is_a_failing_row():
     assert all(r.passed for r in report.rows if r.dtype == "float32")
 
 
+def test_with_a_reference_an_error_is_blamed_on_whichever_raised():
+    """The rule and the reference run in one compiled program per dtype (and one
+    under vmap); when it fails, each runs alone, so a row names the one that raised
+    and the other's checks still run."""
+
+    def refusing_bfloat16(what):
+        def check(x):
+            if x.dtype == jnp.bfloat16:
+                raise NotImplementedError(f"no bfloat16 {what}")
+
+        return check
+
+    @jax.custom_vjp
+    def rule(x):
+        return jnp.sin(x)
+
+    def bwd(x, g):
+        refusing_bfloat16("rule")(g)
+        return (g * jnp.cos(x),)
+
+    rule.defvjp(lambda x: (jnp.sin(x), x), bwd)
+
+    def reference(x):
+        refusing_bfloat16("reference")(x)
+        return jnp.sin(x)
+
+    args = (np.linspace(-1.0, 1.0, 3, dtype=np.float32),)
+    options = dict(dtypes=["float32", "bfloat16"], devices=CPU0, explore=False)
+    report = check_vjp(rule, args, reference=jnp.sin, **options)
+    (failed,) = report.failures
+    assert (failed.check, failed.dtype) == ("vjp", "bfloat16")
+    assert failed.detail == "the rule raised: NotImplementedError: no bfloat16 rule"
+
+    report = check_vjp(jnp.sin, args, reference=reference, **options)
+    details = {(r.check, r.dtype): r.detail for r in report.failures}
+    assert details == {
+        ("reference", "bfloat16"): "reference raised: NotImplementedError: no bfloat16 reference",
+        ("vmap", "bfloat16"): "the truth raised under vmap: "
+        "NotImplementedError: no bfloat16 reference",
+    }
+    # The rule's own checks ran in bfloat16 and passed, the retrace check included.
+    assert {r.check for r in report.rows if r.dtype == "bfloat16" and r.passed} == {
+        "dtype",
+        "retrace",
+        "fd-direction",
+        "fd-element",
+    }
+    assert all(r.passed for r in report.rows if r.dtype == "float32")
+
+
 def test_a_function_computing_in_float32_is_flagged_in_the_differences():
     def f(x):
         return jnp.sin(x.astype(jnp.float32))  # float32 whatever the input
