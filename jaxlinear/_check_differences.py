@@ -11,6 +11,7 @@ of fn's float64 output dtype (:data:`FD_RELATIVE_STEP` for float64).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,19 @@ def differences(run: Run, float_leaves, other_leaves, u_leaves, *, batch: int | 
     ``batch``: the number of examples stacked on axis 0 of every leaf and of u,
     each evaluated alone; ``None`` for the arguments as they are.
     """
+    out, note, _ = _differences(run, float_leaves, other_leaves, u_leaves, batch, reference=False)
+    return out, note
+
+
+def differences_and_reference(run: Run):
+    """:func:`differences` at the run's own arguments, and the reference's float64
+    ``(outputs, cotangents)`` there, from one compiled program (``truths_jit``).
+    Raises if either raises; then each is computed alone, so the error is blamed
+    on the one that raised."""
+    return _differences(run, run.float_host, run.other_host, run.u_host, None, reference=True)
+
+
+def _differences(run: Run, float_leaves, other_leaves, u_leaves, batch, *, reference: bool):
     ctx, device = run.ctx, run.truth_device()
     rng = run.rng(1 if batch is None else 2)
     with scoped(True, ctx.precision):
@@ -83,11 +97,21 @@ def differences(run: Run, float_leaves, other_leaves, u_leaves, *, batch: int | 
         args = (run.put(fl64, device), run.put(ol, device), u64)
         spec = ctx.fingerprinted(ctx.spec, "forward", ctx.spec.call, *example)
         stacks = run.put([p for *_, p in plans], device)
-        size, diffs = programs.differences_jit(spec, batch is not None, *args, stacks)
+        truth = None
+        if reference:
+            traced = functools.partial(programs.vjp, ctx.ref_spec)
+            ref = ctx.fingerprinted(ctx.ref_spec, "vjp", traced, *args)
+            (ref_out, ref_cts), (size, diffs) = programs.truths_jit(ref, spec, *args, stacks)
+            truth = (
+                [np.asarray(o) for o in jax.tree.leaves(ref_out)],
+                [np.asarray(c) for c in ref_cts],
+            )
+        else:
+            size, diffs = programs.differences_jit(spec, batch is not None, *args, stacks)
         rounding = 2 * eps * np.asarray(size, np.float64)  # 2·eps·Σ|u||f|, shape (B,)
     out = []
     for (v, w, _), diff in zip(plans, diffs, strict=True):
         along, elements = _split(np.asarray(diff, np.float64), rounding, step, w, len(v))
         out.append(LeafDifferences(v, w, along, elements))
     note = "" if eps <= np.finfo(np.float64).eps else f"fn returns eps {eps:.1e} for float64 inputs"
-    return out, note
+    return out, note, truth

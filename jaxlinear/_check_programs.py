@@ -7,10 +7,12 @@ r"""The compiled programs of :func:`jaxlinear.check_vjp`.
 * :func:`vmapped_jit`: :func:`vjp` under ``jax.vmap``; :func:`vmapped_pair_jit`,
   the rule's and the reference's;
 * :func:`differences_jit`: float64 central differences of
-  φ(x) = ⟨u, fn(x)⟩ along a stack of perturbations p of one leaf,
-  ``φ(x + p) − φ(x − p)``, one p at a time (one ``lax.map`` for every leaf); with ``batched``,
-  over a stack of examples, each evaluated alone (``lax.map`` again), so the
-  truth never depends on fn's own batching.
+  φ(x) = ⟨u, fn(x)⟩ along stacks of perturbations p of each leaf,
+  ``φ(x + p) − φ(x − p)``, one p at a time (one ``lax.map`` for every leaf);
+  with ``batched``, over a stack of examples, each evaluated alone (``lax.map``
+  again), so the truth never depends on fn's own batching;
+* :func:`truths_jit`: the float64 truths of one run, the reference's vjp and
+  the unbatched differences, in one program.
 
 Programs are cached by JAX's jit on a :class:`Spec` (static) and the avals: the
 float64 programs are shared by every dtype a rule is checked in.
@@ -152,8 +154,7 @@ def _perturbed(float_leaves, stacks, t, sign):
     return leaves
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def differences_jit(spec: Spec, batched: bool, float_leaves, other_leaves, cotangent, stacks):
+def differences(spec: Spec, batched: bool, float_leaves, other_leaves, cotangent, stacks):
     """``(Σ|u|·|fn(x)|, [φ(x + p) − φ(x − p) for p in stacks[j]] for each leaf j)``.
 
     Unbatched: φ is a scalar, returned with shape (1,). Batched: every leaf and
@@ -190,3 +191,16 @@ def differences_jit(spec: Spec, batched: bool, float_leaves, other_leaves, cotan
     size = phi(list(float_leaves))[1]
     offsets = np.cumsum([0, *counts])
     return size, [diffs[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+differences_jit = jax.jit(differences, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def truths_jit(reference: Spec, spec: Spec, float_leaves, other_leaves, cotangent, stacks):
+    """The float64 truths of one run in one program: ``(vjp of the reference,
+    unbatched differences of fn)`` (:func:`vjp`, :func:`differences`)."""
+    return (
+        vjp(reference, float_leaves, other_leaves, cotangent),
+        differences(spec, False, float_leaves, other_leaves, cotangent, stacks),
+    )

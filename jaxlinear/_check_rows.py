@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from ._check_args import short_error
-from ._check_differences import differences
+from ._check_differences import differences, differences_and_reference
 from ._check_measure import Measure, against_differences, against_truth, largest
 from ._check_report import CheckRow
 from ._check_run import Run, already_float64, reference_vjp, upcast
@@ -74,6 +74,20 @@ def fd_bound(run: Run) -> float:
     return run.tol.fd_units * run.unit
 
 
+def _truths(run: Run):
+    """The reference's float64 results, computed with the float64 differences in one
+    program (which :func:`fd_rows` then uses), or None when there are no
+    differences to compute or that program fails (each then runs alone)."""
+    if "fd" not in run.ctx.checks:
+        return None
+    try:
+        leaves, note, truths = differences_and_reference(run)
+    except Exception:
+        return None
+    run.fd = (leaves, note)
+    return truths
+
+
 def reference_rows(run: Run) -> list[CheckRow]:
     """``forward`` and ``reference`` rows: the rule and autodiff of the reference in
     the run's dtype, both against float64 autodiff of the reference."""
@@ -82,6 +96,8 @@ def reference_rows(run: Run) -> list[CheckRow]:
         ad_out, ad_cts = run.ad or reference_vjp(run, run.float_host, run.u_host, in_x64=run.x64)
         if already_float64(run, run.float_host, run.u_host):
             out64, g64 = ad_out, ad_cts  # the same program on the same inputs
+        elif (truths := _truths(run)) is not None:
+            out64, g64 = truths
         else:
             out64, g64 = reference_vjp(
                 run,
@@ -165,7 +181,7 @@ def fd_rows(run: Run) -> list[CheckRow]:
     with a reference, autodiff of it in the run's dtype is measured the same way
     and its error added to the bound."""
     try:
-        leaves, fd_note = differences(run, run.float_host, run.other_host, run.u_host)
+        leaves, fd_note = run.fd or differences(run, run.float_host, run.other_host, run.u_host)
     except Exception as err:
         return [error_row(run, "fd-direction", err, "fn raised in float64")]
     cts = upcast(run.rule_cts)

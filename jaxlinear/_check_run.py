@@ -88,6 +88,7 @@ class Run:
     call: Any = None  # call 1's compiled program, called again by the retrace check
     ad: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # the reference's, this dtype
     ad_cts: list[np.ndarray] | None = None  # autodiff of the reference, this dtype
+    fd: tuple | None = None  # float64 differences and their note, when computed early
 
     @property
     def dev(self) -> str:

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import numpy as np
+from jax.api_util import flatten_axes
 
 from . import _check_programs as programs
 from ._check_differences import differences
@@ -28,6 +29,22 @@ from ._check_run import Run, already_float64, scoped
 
 #: Relative size of the perturbations between the copies of the default vmap batch.
 COPY_NOISE = 0.1
+
+
+def _batch_axis_first(in_axes, args):
+    """``args`` as ``jax.vmap(lambda *a: a, in_axes)`` returns them (every leaf with
+    its batch axis first, unbatched leaves broadcast), made on the host: no small
+    program compiled per leaf. ``in_axes`` was checked against ``args`` already."""
+    leaves, treedef = jax.tree.flatten(tuple(args))
+    axes = flatten_axes(
+        "vmap_in_axes", treedef, tuple(in_axes) if isinstance(in_axes, list) else in_axes
+    )
+    size = next(np.shape(a)[ax] for a, ax in zip(leaves, axes, strict=True) if ax is not None)
+    moved = [
+        np.broadcast_to(a, (size, *np.shape(a))) if ax is None else np.moveaxis(a, ax, 0)
+        for a, ax in zip(leaves, axes, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, moved)
 
 
 def _batch(run: Run):
@@ -47,7 +64,7 @@ def _batch(run: Run):
         return 0, batched, examples, f"{len(examples)} perturbed copies stacked on a new axis 0"
     in_axes = ctx.vmap_in_axes
     batched = spec.assemble(run.float_host, run.other_host)
-    moved = jax.tree.map(np.asarray, jax.vmap(lambda *a: a, in_axes=in_axes)(*batched))
+    moved = _batch_axis_first(in_axes, batched)
     size = jax.tree.leaves(moved)[0].shape[0]
     examples = [jax.tree.map(lambda a, i=i: a[i], moved) for i in range(size)]
     return in_axes, batched, examples, f"in_axes={in_axes!r}, {size} examples"

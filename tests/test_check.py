@@ -321,6 +321,38 @@ def test_checks_can_be_selected():
     assert {r.variant for r in report.rows} == VARIANTS_X
 
 
+_RNG = np.random.default_rng(0)
+_W, _B = _RNG.standard_normal((3, 4), np.float32), _RNG.standard_normal(4, np.float32)
+_X = _RNG.standard_normal((5, 2, 3), np.float32)
+_LAYER = (LinearParams(_W, _B), _X)
+
+
+@pytest.mark.parametrize(
+    ("in_axes", "args"),
+    [
+        ((None, 0), _LAYER),
+        ((None, 1), _LAYER),
+        ((None, -2), _LAYER),
+        ([None, 0], _LAYER),
+        (0, (np.stack([_W] * 5), _X)),
+        (((None, 0),), ((_W, _X),)),
+        ((LinearParams(None, 0), None), (LinearParams(_W, np.stack([_B] * 5)), _X[:, 0])),
+    ],
+    ids=["x0", "x1", "x-2", "list", "all", "nested", "params.b"],
+)
+def test_vmap_examples_are_split_on_the_host_as_jax_vmap_splits_them(in_axes, args):
+    """The vmap check moves each batch axis first in NumPy (no program compiled per
+    leaf): the same arrays as ``jax.vmap(lambda *a: a, in_axes)``."""
+    from jaxlinear._check_vmap import _batch_axis_first
+
+    want = jax.jit(jax.vmap(lambda *a: a, in_axes=in_axes))(*args)
+    got = _batch_axis_first(in_axes, args)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+
+
 def test_per_example_vmap_shows_the_rule_one_example():
     ndims = set()
 
@@ -429,6 +461,40 @@ def test_with_a_reference_an_error_is_blamed_on_whichever_raised():
         "fd-element",
     }
     assert all(r.passed for r in report.rows if r.dtype == "float32")
+
+
+def test_the_float64_truths_blame_whichever_raised():
+    """The reference's float64 VJP and fn's float64 differences share one compiled
+    program too; when one raises, the other's rows still come out."""
+
+    def refusing_float64(f):
+        def g(x):
+            if x.dtype == jnp.float64:
+                raise NotImplementedError("no float64")
+            return f(x)
+
+        return g
+
+    rule = jax.custom_vjp(refusing_float64(jnp.sin))
+    rule.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    args = (np.linspace(-1.0, 1.0, 3, dtype=np.float32),)
+    options = dict(dtypes=["float32"], devices=CPU0, explore=False, checks=["reference", "fd"])
+
+    report = check_vjp(jnp.sin, args, reference=refusing_float64(jnp.sin), **options)
+    (failed,) = report.failures
+    assert (failed.check, failed.detail) == (
+        "reference",
+        "reference raised: NotImplementedError: no float64",
+    )
+    assert {r.check for r in report.rows if r.passed} == {"fd-direction", "fd-element"}
+
+    report = check_vjp(rule, args, reference=jnp.sin, **options)
+    (failed,) = report.failures
+    assert (failed.check, failed.detail) == (
+        "fd-direction",
+        "fn raised in float64: NotImplementedError: no float64",
+    )
+    assert {r.check for r in report.rows if r.passed} == {"forward", "reference"}
 
 
 def test_a_function_computing_in_float32_is_flagged_in_the_differences():
