@@ -40,7 +40,8 @@ minibatch and assembles the global batch with
 The launcher then runs the same training in one process on N*D devices and
 prints the largest differences of the loss curves and of the final
 parameters, the time per step of each run, and writes
-``OUT/data_parallel_processes.png``. Workers' logs and results go to
+``OUT/data_parallel_processes.png``. The digits (read once, by the
+launcher), the workers' logs and their results go to
 ``OUT/data_parallel_run/``. If a worker fails (raises, exits, is killed, or
 the run exceeds ``--timeout``), the launcher stops every other worker and
 exits with status 1, naming the failed process and showing its last lines::
@@ -83,7 +84,7 @@ from _cli import (
     pyplot,
     save_figure,
 )
-from _digits import NUM_CLASSES, NUM_FEATURES, TRAIN_SIZE, epoch_batches, load_digits
+from _digits import NUM_CLASSES, NUM_FEATURES, TRAIN_SIZE, Digits, epoch_batches, load_digits
 from _multiprocess import (
     LOOPBACK,
     RpcServerFailed,
@@ -107,6 +108,8 @@ HIDDEN = 256
 PLOT_NAME = "data_parallel.png"
 PROCESSES_PLOT_NAME = "data_parallel_processes.png"
 RUN_DIR = "data_parallel_run"
+#: The digits, written once by the launcher into the run directory for every worker.
+DATA_FILE = "digits.npz"
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 FAULT_VARIABLE = "JAXLINEAR_DP_FAULT"
 PORT_ATTEMPTS = 3
@@ -477,18 +480,17 @@ def _make_step(optimizer, replicated: NamedSharding, rows: NamedSharding):
     )
 
 
-def train_global(seed: int, epochs: int, batch_size: int, after_step) -> dict:
+def train_global(data: Digits, seed: int, epochs: int, batch_size: int, after_step) -> dict:
     """Train on one mesh over ``jax.devices()`` (every process's), one jitted step per minibatch.
 
-    Every process draws the same shuffled order, loads only its own rows of
-    each minibatch and builds the ``(batch, 64)`` global array with
-    ``jax.make_array_from_process_local_data``. Returns NumPy results: the
-    ``losses`` (one per step), the final parameters ``param_0``, ``param_1``,
-    ... (``jax.tree.leaves`` order), ``seconds_per_step`` (wall time from the
-    first step to the last, feeding the data included, the compilation
-    excluded) and ``compile_seconds``.
+    ``data`` is the whole (tiny) set. Every process draws the same shuffled
+    order, takes only its own rows of each minibatch and builds the
+    ``(batch, 64)`` global array with ``jax.make_array_from_process_local_data``.
+    Returns NumPy results: the ``losses`` (one per step), the final parameters
+    ``param_0``, ``param_1``, ... (``jax.tree.leaves`` order),
+    ``seconds_per_step`` (wall time from the first step to the last, feeding
+    the data included, the compilation excluded) and ``compile_seconds``.
     """
-    data = load_digits()  # the whole (tiny) set; each process reads only its rows of it
     mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params, opt_state, optimizer, epoch_keys = initial_state(seed, epochs)
@@ -553,7 +555,9 @@ def worker(args: argparse.Namespace) -> None:
             flush=True,
         )
         after_step = _fault_hook(spec["process_id"]) if distributed else (lambda steps: None)
-        result = train_global(args.seed, args.epochs, args.batch_size, after_step)
+        with np.load(spec["data"]) as arrays:  # written by the launcher
+            data = Digits(**arrays)
+        result = train_global(data, args.seed, args.epochs, args.batch_size, after_step)
         partial = spec["result"] + ".partial.npz"
         np.savez(partial, **result)
         os.replace(partial, spec["result"])  # the launcher's sign that the work is done
@@ -576,6 +580,7 @@ def _worker_command(args, process_id, num_processes, port, devices, result) -> l
         coordinator_port=port,
         devices=devices,
         result=str(result),
+        data=str(result.parent / DATA_FILE),
     )
     return [
         sys.executable,
@@ -643,6 +648,9 @@ def launch(args: argparse.Namespace) -> dict:
     total = args.processes * args.devices_per_process
     run_dir = output_path(args.out, RUN_DIR)
     run_dir.mkdir(exist_ok=True)
+    # The data set is read once, here; every worker loads this copy (rather than
+    # importing scikit-learn, about a second of each worker's start).
+    np.savez(run_dir / DATA_FILE, **load_digits()._asdict())
     print(
         f"digits: MLP {(NUM_FEATURES, HIDDEN, NUM_CLASSES)}, Adam lr={DEFAULT_LEARNING_RATE}, "
         f"global batch {args.batch_size} ({args.batch_size // total} rows per device), "
