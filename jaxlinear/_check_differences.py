@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _check_programs as programs
 from ._check_measure import Differences
-from ._check_run import Run, scoped, upcast
+from ._check_run import Run, scoped, to_host, upcast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +102,7 @@ def _differences(run: Run, float_leaves, other_leaves, u_leaves, batch, *, refer
             traced = functools.partial(programs.vjp, ctx.ref_spec)
             ref = ctx.fingerprinted(ctx.ref_spec, "vjp", traced, *args)
             (ref_out, ref_cts), (size, diffs) = programs.truths_jit(ref, spec, *args, stacks)
-            truth = (
-                [np.asarray(o) for o in jax.tree.leaves(ref_out)],
-                [np.asarray(c) for c in ref_cts],
-            )
+            truth = to_host(ref_out, ref_cts)
         else:
             size, diffs = programs.differences_jit(spec, batch is not None, *args, stacks)
         rounding = 2 * eps * np.asarray(size, np.float64)  # 2·eps·Σ|u||f|, shape (B,)

@@ -150,7 +150,8 @@ def prepare(run: Run) -> None:
     run.u_host = [rng.standard_normal(o.shape).astype(o.dtype) for o in run.out_shapes]
 
 
-def _host(out, cts) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def to_host(out, cts) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A program's (outputs, cotangents) as lists of NumPy arrays."""
     return [np.asarray(o) for o in jax.tree.leaves(out)], [np.asarray(c) for c in cts]
 
 
@@ -178,14 +179,14 @@ def call_rule(run: Run) -> None:
             pass
         else:
             run.traces_first = run.spec.traces - before
-            run.rule_out, run.rule_cts = _host(*rule)
-            run.ad = _host(*reference)
+            run.rule_out, run.rule_cts = to_host(*rule)
+            run.ad = to_host(*reference)
             return
     run.call = functools.partial(programs.vjp_jit, run.spec)
     before = run.spec.traces
     out, cts = jax.block_until_ready(run.call(fl, ol, u))
     run.traces_first = run.spec.traces - before
-    run.rule_out, run.rule_cts = _host(out, cts)
+    run.rule_out, run.rule_cts = to_host(out, cts)
 
 
 def reference_vjp(run: Run, float_leaves, u_leaves, *, in_x64: bool, device=None):
@@ -196,7 +197,7 @@ def reference_vjp(run: Run, float_leaves, u_leaves, *, in_x64: bool, device=None
         u = run.put_tree(run.out_treedef, u_leaves, device)
         traced = functools.partial(programs.vjp, ctx.ref_spec)
         spec = ctx.fingerprinted(ctx.ref_spec, "vjp", traced, fl, ol, u)
-        return _host(*programs.vjp_jit(spec, fl, ol, u))
+        return to_host(*programs.vjp_jit(spec, fl, ol, u))
 
 
 def already_float64(run: Run, float_leaves, u_leaves) -> bool:

@@ -25,7 +25,7 @@ from ._check_explore import _is_float
 from ._check_measure import against_differences, against_truth, largest, per_example
 from ._check_report import CheckRow
 from ._check_rows import against_autodiff, error_row, fd_bound, measured_row, sigmas
-from ._check_run import Run, already_float64, scoped
+from ._check_run import Run, already_float64, scoped, to_host
 
 #: Relative size of the perturbations between the copies of the default vmap batch.
 COPY_NOISE = 0.1
@@ -78,13 +78,9 @@ def _vmapped(spec, in_axes):
         return jax.jit(functools.partial(programs.vmapped, spec, in_axes))
 
 
-def _host(out, cts):
-    return [np.asarray(o) for o in jax.tree.leaves(out)], [np.asarray(c) for c in cts]
-
-
 def _call(run: Run, spec, in_axes, batched, U, device=None):
     put = functools.partial(jax.device_put, device=device or run.device)
-    return _host(*_vmapped(spec, in_axes)(jax.tree.map(put, batched), jax.tree.map(put, U)))
+    return to_host(*_vmapped(spec, in_axes)(jax.tree.map(put, batched), jax.tree.map(put, U)))
 
 
 def _reference_spec(run: Run):
@@ -107,7 +103,7 @@ def _call_paired(run: Run, in_axes, batched, U):
         rule, reference = program(jax.tree.map(put, batched), jax.tree.map(put, U))
     except Exception:
         return None
-    return _host(*rule), _host(*reference)
+    return to_host(*rule), to_host(*reference)
 
 
 def _with_reference(run: Run, in_axes, batched, U, rule, ad, detail) -> list[CheckRow]:
